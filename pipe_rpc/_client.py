@@ -1,0 +1,429 @@
+"""The client: ``Client[T]``, typed proxies and ``options()``.
+
+Threads share one client. A call registers its slot, writes its frame under
+the write lock, then waits for its reply. Whoever waits first becomes the
+*reader* (it holds the read lock and polls the pipe); the reader hands each
+reply it reads to the call it belongs to and wakes that call's thread. When the
+reader's own reply has come it lets go and wakes one sleeping caller, which
+becomes the next reader. A caller alone on a client therefore reads its own
+reply with no thread switch, and many callers take many replies per wake-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from ._codec import Codec
+from ._errors import (
+    CallTimeoutError,
+    ClientClosedError,
+    ConnectionLostError,
+    PipeRPCError,
+    ProtocolError,
+    StartupError,
+    WorkerDiedError,
+    describe_exitcode,
+)
+from ._messages import Shutdown
+from ._protocol import ClientProtocol, StartupFailedSignal
+from ._transport import PeerGone, Transport, WriteTimeout, enlarge_buffers, remaining, shutdown
+
+T = TypeVar("T")
+
+#: How long a lost connection waits for the peer process's exit code.
+_EXIT_GRACE = 2.0
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
+    """Return ``timeout`` if it is ``None`` or a number > 0, else raise ``ValueError``."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"{what} must be None or > 0, got {timeout!r}")
+    return float(timeout)
+
+
+class HasSentinel(Protocol):
+    """A process handle: anything with a ``sentinel`` descriptor (``multiprocessing.Process``)."""
+
+    @property
+    def sentinel(self) -> int: ...
+
+
+class Invoker(Protocol):
+    """What a proxy calls through: a ``Client`` or a ``Server``."""
+
+    def invoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any: ...
+
+
+class _Slot:
+    """One call's place in the pending table."""
+
+    __slots__ = ("done", "ok", "value", "waiter")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+        self.waiter: Any = None
+
+
+def _fresh(error: PipeRPCError) -> PipeRPCError:
+    """A copy of ``error`` for one more caller (each raise gets its own traceback)."""
+    fresh = copy.copy(error)
+    fresh.__cause__ = error.__cause__
+    return fresh
+
+
+def _signal(waiter: Any) -> None:
+    try:
+        waiter.release()
+    except RuntimeError:  # already signalled and not yet consumed
+        pass
+
+
+class Client(Generic[T]):
+    """A thread-safe client over one end of a duplex ``multiprocessing.Pipe``.
+
+    Args:
+        conn: the client's end; ``serve()`` runs on the other.
+        timeout: default seconds for every call (``None``: no bound).
+        process: the server's process (anything with ``.sentinel``), so that
+            its death fails calls at once with ``WorkerDiedError``.
+        untrusted: decode replies with the restricted unpickler (see README).
+        allowed_types: with ``untrusted``, the types a reply may contain besides plain data.
+        max_reply_bytes: refuse replies larger than this (``ProtocolError``).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        timeout: float | None = None,
+        process: HasSentinel | None = None,
+        untrusted: bool = False,
+        allowed_types: Iterable[type] = (),
+        max_reply_bytes: int | None = None,
+    ) -> None:
+        self.timeout = check_timeout(timeout)
+        self._conn = conn
+        self._process = process
+        self.death_hint: Callable[[int], str] = lambda exitcode: ""
+        sentinel = getattr(process, "sentinel", None) if process is not None else None
+        self._protocol: ClientProtocol[_Slot] = ClientProtocol(
+            Codec(untrusted=untrusted, allowed_types=allowed_types)
+        )
+        self._transport = Transport(conn, sentinel=sentinel, max_frame=max_reply_bytes)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._local = threading.local()
+        self._closed = False
+        self._broken: PipeRPCError | None = None
+        self.proxy: T = cast(T, Proxy(self, DEFAULT))
+        enlarge_buffers(conn)
+        try:
+            self._transport.write(self._protocol.greeting())
+        except PeerGone as exc:
+            self._break(self._lost(str(exc)))
+
+    # -- public -------------------------------------------------------------
+
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the service's method ``name`` with the client's default timeout."""
+        return self.invoke(name, args, kwargs, DEFAULT)
+
+    def close(self) -> None:
+        """Ask the server to stop, fail calls in flight (``ClientClosedError``), close the pipe."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._write_lock.acquire(timeout=0.5):
+            try:
+                self._transport.write(self._protocol.codec.encode(Shutdown()), time.monotonic())
+            except (PeerGone, WriteTimeout, OSError):
+                pass
+            finally:
+                self._write_lock.release()
+        shutdown(self._conn)
+        self._break(ClientClosedError("the client was closed"))
+        got_reader = self._read_lock.acquire(timeout=1.0)
+        try:
+            self._conn.close()
+        finally:
+            if got_reader:
+                self._read_lock.release()
+
+    @property
+    def closed(self) -> bool:
+        """``close()`` was called."""
+        return self._closed
+
+    @property
+    def broken(self) -> PipeRPCError | None:
+        """Why the connection is dead, or ``None`` while it works."""
+        return self._broken
+
+    @property
+    def late_replies(self) -> int:
+        """Replies that came after their call had timed out, and were dropped."""
+        return self._protocol.late_replies
+
+    def __enter__(self) -> Client[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- calls --------------------------------------------------------------
+
+    def invoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """Call ``method`` and wait for its reply (``timeout`` DEFAULT: the client's)."""
+        if self._closed:
+            raise ClientClosedError("the client was closed")
+        if self._broken is not None:
+            raise _fresh(self._broken)
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = _Slot()
+        call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
+        left = remaining(deadline)
+        if not self._write_lock.acquire(timeout=-1 if left is None else left):
+            self._protocol.abandon(call_id)
+            raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
+        try:
+            self._transport.write(frame, deadline)
+        except PeerGone as exc:
+            self._break(self._lost(str(exc)))
+        except WriteTimeout:
+            self._break(ConnectionLostError("a call timed out half-way through its request"))
+        finally:
+            self._write_lock.release()
+        self._wait(slot, call_id, deadline)
+        if slot.ok:
+            return slot.value
+        if not slot.done:
+            raise CallTimeoutError(f"{method}() timed out after {timeout} s")
+        raise slot.value
+
+    def _wait(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
+        """Return when the slot is done, or its deadline passed and the call was abandoned."""
+        while not slot.done:
+            if self._read_lock.acquire(False):
+                try:
+                    self._read_until(slot, deadline)
+                    if not slot.done and self._protocol.abandon(call_id):
+                        return
+                finally:
+                    self._read_lock.release()
+                    self._wake_one()
+                continue
+            if slot.waiter is None:
+                # Publish before trying the read lock again: a reader that lets go
+                # after this line will see us and wake us.
+                slot.waiter = self._thread_waiter()
+                continue
+            left = remaining(deadline)
+            if left == 0.0:
+                if self._protocol.abandon(call_id):
+                    return
+                left = 0.01  # its reply is being handed over right now
+            slot.waiter.acquire(True, -1 if left is None else left)
+
+    def _read_until(self, slot: _Slot, deadline: float | None) -> None:
+        while not slot.done:
+            left = remaining(deadline)
+            if left == 0.0:
+                return
+            self._read_once(left)
+
+    def _read_once(self, timeout: float | None) -> None:
+        """Read and hand out what comes within ``timeout``; a dead connection breaks the client."""
+        try:
+            for body in self._transport.read(timeout):
+                got = self._protocol.receive(body)
+                if got is not None:
+                    self._deliver(*got)
+        except PeerGone as exc:
+            self._break(self._lost(str(exc)))
+        except StartupFailedSignal as signal:
+            error = signal.message.error
+            failure = StartupError(
+                f"the factory failed in the child: {error!r}",
+                remote_traceback=str(error.__cause__ or ""),
+            )
+            failure.__cause__ = error
+            self._break(failure)
+        except ProtocolError as exc:
+            self._break(exc)
+        except OSError as exc:
+            self._break(self._closed_error() if self._closed else self._lost(repr(exc)))
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._read_lock:
+            while self._protocol.peer is None and self._broken is None:
+                left = remaining(deadline)
+                if left == 0.0:
+                    raise CallTimeoutError(f"no hello from the server after {timeout} s")
+                self._read_once(left)
+        if self._broken is not None:
+            raise _fresh(self._broken)
+
+    def _deliver(self, slot: _Slot, ok: bool, value: Any) -> None:
+        slot.ok = ok
+        slot.value = value
+        slot.done = True
+        waiter = slot.waiter
+        if waiter is not None:
+            _signal(waiter)
+
+    def _wake_one(self) -> None:
+        for slot in list(self._protocol.pending.values()):
+            waiter = slot.waiter
+            if waiter is not None and not slot.done:
+                _signal(waiter)
+                return
+
+    def _thread_waiter(self) -> Any:
+        try:
+            return self._local.waiter
+        except AttributeError:
+            waiter = self._local.waiter = threading.Lock()
+            waiter.acquire()
+            return waiter
+
+    # -- failure ------------------------------------------------------------
+
+    def _break(self, error: PipeRPCError) -> None:
+        """The connection is dead: every pending call and every later call gets ``error``."""
+        if self._broken is None:
+            self._broken = error
+        pending = self._protocol.pending
+        while pending:
+            try:
+                _, slot = pending.popitem()
+            except KeyError:
+                break
+            self._deliver(slot, False, _fresh(self._broken))
+
+    def _closed_error(self) -> ClientClosedError:
+        return ClientClosedError("the client was closed")
+
+    def _lost(self, reason: str) -> PipeRPCError:
+        """The error for a peer that went away: ``WorkerDiedError`` when we know its process."""
+        if self._closed:
+            return self._closed_error()
+        process = self._process
+        if process is None:
+            return ConnectionLostError(f"the connection to the server was lost: {reason}")
+        exitcode = _wait_exitcode(process, _EXIT_GRACE)
+        pid = getattr(process, "pid", None)
+        if exitcode is None:
+            return ConnectionLostError(
+                f"the connection to server process {pid} was lost ({reason}), "
+                "but the process has not exited"
+            )
+        hint = self.death_hint(exitcode)
+        return WorkerDiedError(
+            f"server process {pid} {describe_exitcode(exitcode)}{hint}", exitcode=exitcode
+        )
+
+
+def _wait_exitcode(process: HasSentinel, grace: float) -> int | None:
+    """The process's exit code, waiting up to ``grace`` seconds for it to end."""
+    poll = select.poll()
+    try:
+        poll.register(process.sentinel, select.POLLIN)
+        poll.poll(grace * 1000)
+    except (OSError, ValueError):
+        pass
+    join = getattr(process, "join", None)
+    deadline = time.monotonic() + grace
+    while True:
+        if join is not None:
+            try:
+                join(0.05)
+            except (AssertionError, ValueError, OSError):
+                pass
+        exitcode = getattr(process, "exitcode", None)
+        if exitcode is not None or time.monotonic() >= deadline:
+            return cast("int | None", exitcode)
+
+
+class _Method:
+    """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
+
+    __slots__ = ("_invoker", "_name", "_timeout")
+
+    def __init__(self, invoker: Invoker, name: str, timeout: float | None) -> None:
+        self._invoker = invoker
+        self._name = name
+        self._timeout = timeout
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.invoke(self._name, args, kwargs, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name}>"
+
+
+class Proxy:
+    """Turns attribute calls into remote calls; underscore names are answered locally."""
+
+    def __init__(self, invoker: Invoker, timeout: float | None) -> None:
+        object.__setattr__(self, "_pipe_rpc_invoker", invoker)
+        object.__setattr__(self, "_pipe_rpc_timeout", timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = _Method(self._pipe_rpc_invoker, name, self._pipe_rpc_timeout)
+        object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
+        return method
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot set {name!r} on a pipe_rpc proxy")
+
+    def __repr__(self) -> str:
+        return f"<pipe_rpc proxy for {self._pipe_rpc_invoker!r}>"
+
+    _pipe_rpc_invoker: Invoker
+    _pipe_rpc_timeout: float | None
+
+
+def options(proxy: T, *, timeout: float | None) -> T:
+    """The same proxy with per-call options: ``options(calc, timeout=0.5).add(1, 2)``.
+
+    Raises:
+        TypeError: ``proxy`` is not a pipe_rpc proxy.
+        ValueError: ``timeout`` is not ``None`` or > 0.
+    """
+    if not isinstance(proxy, Proxy):
+        raise TypeError(f"options() takes a pipe_rpc proxy, got {type(proxy).__name__}")
+    return cast(T, Proxy(proxy._pipe_rpc_invoker, check_timeout(timeout)))

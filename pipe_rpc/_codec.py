@@ -1,0 +1,325 @@
+"""Frames and payloads: the only module that pickles.
+
+A frame is what ``Connection.send_bytes`` would write: a 4-byte big-endian
+length (``-1`` then an 8-byte length above 2 GiB), then the body. The body is
+``tag (1 byte) | call id (8 bytes) | payload``. Keeping the tag and call id out
+of the pickle means a payload that will not unpickle fails only its own call,
+and a body that is not even a frame is spotted before anything is unpickled.
+
+Payloads are pickled with protocol 5. The standard pickler is tried first
+(it is several times faster); cloudpickle is used when it fails, or when the
+pickle names ``__main__`` (cloudpickle sends such objects by value, so they
+also work in a child that cannot import the parent's ``__main__``). Buffers
+that pickle hands out of band (numpy arrays, ``PickleBuffer``) are written
+after the pickle without a copy; the frame tag then has ``OUT_OF_BAND`` set
+and the payload starts with the count and sizes of the buffers.
+
+Untrusted peers are decoded by ``_untrusted.restricted_loads`` instead of
+``pickle.loads``: only plain data and the caller's allowed types.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import struct
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import cloudpickle
+
+from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
+from ._messages import (
+    HELLO_MAGIC,
+    PROTOCOL_VERSION,
+    Call,
+    Fail,
+    FailKind,
+    Hello,
+    Message,
+    Raise,
+    Return,
+    Shutdown,
+    StartupFailed,
+    Tag,
+)
+from ._untrusted import UntrustedDataError, allowed_globals, restricted_loads
+
+Buffer = bytes | bytearray | memoryview | pickle.PickleBuffer
+
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!iQ")
+_BODY = struct.Struct("!BQ")
+_HELLO = struct.Struct("!HI")
+_COUNT = struct.Struct("!I")
+_SIZE = struct.Struct("!Q")
+OUT_OF_BAND = 0x80
+MAX_SHORT_FRAME = 0x7FFFFFFF
+#: Below this a frame is joined into one bytes object before writing.
+_JOIN_BELOW = 1 << 16
+
+_BUILTIN_EXCEPTIONS = frozenset(
+    obj
+    for obj in vars(builtins).values()
+    if isinstance(obj, type) and issubclass(obj, BaseException)
+)
+#: Remote exceptions that must never be raised in the caller as themselves.
+_NEVER_RERAISE = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+# Exception payload forms.
+_FORM_PICKLE = 0  # the exception pickled as itself
+_FORM_PARTS = 1  # (type, args, attributes) for types whose __init__ does not accept their own args
+_FORM_NONE = 2  # it would not pickle: only its name, message and traceback travel
+
+
+def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None = None) -> bytes:
+    """Pickle ``obj`` (standard pickle first, cloudpickle as the fallback).
+
+    Raises:
+        SerializationError: neither could pickle it; ``what`` names it in the message.
+    """
+    callback = None if buffers is None else buffers.append
+    try:
+        data = pickle.dumps(obj, 5, buffer_callback=callback)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
+    if buffers is not None:
+        buffers.clear()
+    try:
+        return cloudpickle.dumps(obj, 5, buffer_callback=callback)
+    except Exception as exc:
+        raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
+
+
+def _frame(
+    tag: int, call_id: int, payload: bytes, buffers: list[pickle.PickleBuffer]
+) -> list[Buffer]:
+    """Lay out one frame as segments ready for ``os.writev``."""
+    if buffers:
+        raws = [b.raw() for b in buffers]
+        table = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+        size = 9 + len(table) + len(payload) + sum(r.nbytes for r in raws)
+        return [_length(size) + _BODY.pack(tag | OUT_OF_BAND, call_id) + table, payload, *raws]
+    size = 9 + len(payload)
+    head = _length(size) + _BODY.pack(tag, call_id)
+    if size < _JOIN_BELOW:
+        return [head + payload]
+    return [head, payload]
+
+
+def _length(size: int) -> bytes:
+    if size <= MAX_SHORT_FRAME:
+        return _LENGTH.pack(size)
+    return _LONG_LENGTH.pack(-1, size)
+
+
+class UndecodablePayload(Exception):
+    """A well-formed frame whose payload would not unpickle: only its own call fails."""
+
+    def __init__(self, call_id: int, message: str) -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.message = message
+
+
+class Codec:
+    """Turns messages into frame segments and frame bodies into messages.
+
+    Args:
+        untrusted: decode every payload with the restricted unpickler.
+        allowed_types: with ``untrusted``, the extra types a payload may build.
+    """
+
+    def __init__(self, *, untrusted: bool = False, allowed_types: Iterable[type] = ()) -> None:
+        self.untrusted = untrusted
+        self._allowed: Mapping[tuple[str, str], object] = allowed_globals(allowed_types)
+        self._allowed_errors: Mapping[tuple[str, str], object] = {
+            **self._allowed,
+            **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
+        }
+
+    # -- encoding ---------------------------------------------------------
+
+    def encode(self, message: Message) -> list[Buffer]:
+        """The frame for ``message`` as segments; raises SerializationError for a payload."""
+        if isinstance(message, Call):
+            return self.encode_call(message.call_id, message.method, message.args, message.kwargs)
+        if isinstance(message, Return):
+            return self.encode_return(message.call_id, message.value)
+        if isinstance(message, Raise):
+            return _frame(Tag.RAISE, message.call_id, _exception_payload(message.error), [])
+        if isinstance(message, Fail):
+            payload = pickle.dumps((int(message.kind), message.message), 5)
+            return _frame(Tag.FAIL, message.call_id, payload, [])
+        if isinstance(message, StartupFailed):
+            return _frame(Tag.STARTUP_FAILED, 0, _exception_payload(message.error), [])
+        if isinstance(message, Hello):
+            payload = HELLO_MAGIC + _HELLO.pack(message.version, message.pid)
+            return _frame(Tag.HELLO, 0, payload, [])
+        return _frame(Tag.SHUTDOWN, 0, b"", [])
+
+    def encode_call(
+        self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[Buffer]:
+        """The hot path of ``encode`` for a call, without building a record."""
+        buffers: list[pickle.PickleBuffer] = []
+        payload = dumps((method, args, kwargs), what=f"arguments of {method}()", buffers=buffers)
+        return _frame(Tag.CALL, call_id, payload, buffers)
+
+    def encode_return(self, call_id: int, value: object) -> list[Buffer]:
+        """The hot path of ``encode`` for a return value."""
+        buffers: list[pickle.PickleBuffer] = []
+        payload = dumps(value, what="result", buffers=buffers)
+        return _frame(Tag.RETURN, call_id, payload, buffers)
+
+    # -- decoding ---------------------------------------------------------
+
+    def decode(self, body: Buffer) -> Message:
+        """The message in one frame body.
+
+        Raises:
+            ProtocolError: the body is not a frame of this protocol.
+            UndecodablePayload: the frame is sound but its payload will not unpickle.
+        """
+        view = memoryview(body)
+        if len(view) < 9:
+            raise ProtocolError(f"frame of {len(view)} bytes is shorter than its 9-byte header")
+        raw_tag, call_id = _BODY.unpack_from(view)
+        payload = view[9:]
+        buffers: list[memoryview] | None = None
+        if raw_tag & OUT_OF_BAND:
+            raw_tag &= ~OUT_OF_BAND
+            payload, buffers = _split_out_of_band(payload)
+        if raw_tag == Tag.RETURN:
+            return Return(call_id, self._loads(call_id, payload, buffers, "result"))
+        if raw_tag == Tag.CALL:
+            method, args, kwargs = self._loads(call_id, payload, buffers, "arguments")
+            return Call(call_id, method, args, kwargs)
+        if raw_tag == Tag.RAISE:
+            return Raise(call_id, self._decode_exception(call_id, payload))
+        if raw_tag == Tag.FAIL:
+            kind, text = self._loads(call_id, payload, None, "failure")
+            return Fail(call_id, FailKind(kind), text)
+        if raw_tag == Tag.STARTUP_FAILED:
+            return StartupFailed(self._decode_exception(call_id, payload))
+        if raw_tag == Tag.HELLO:
+            return _decode_hello(payload)
+        if raw_tag == Tag.SHUTDOWN:
+            return Shutdown()
+        raise ProtocolError(f"unknown frame tag {raw_tag}")
+
+    def _loads(
+        self, call_id: int, payload: memoryview, buffers: list[memoryview] | None, what: str
+    ) -> Any:
+        try:
+            if self.untrusted:
+                return restricted_loads(payload, allowed=self._allowed, buffers=buffers)
+            return pickle.loads(payload, buffers=buffers)
+        except UntrustedDataError as exc:
+            raise ProtocolError(f"untrusted peer sent a {what} that is not allowed: {exc}") from exc
+        except Exception as exc:
+            raise UndecodablePayload(call_id, f"{what} could not be unpickled: {exc!r}") from exc
+
+    def _decode_exception(self, call_id: int, payload: memoryview) -> BaseException:
+        parts = self._loads(call_id, payload, None, "exception")
+        try:
+            type_name, message, tb, form, blob = parts
+            type_name, message, tb = str(type_name), str(message), str(tb)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed exception payload: {parts!r:.200}") from exc
+        error: BaseException
+        try:
+            error = self._rebuild_exception(form, blob)
+        except Exception:
+            error = RemoteError(
+                f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
+            )
+        else:
+            if isinstance(error, _NEVER_RERAISE) or not isinstance(error, BaseException):
+                error = RemoteError(
+                    f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
+                )
+        error.__cause__ = RemoteTraceback(tb)
+        return error
+
+    def _rebuild_exception(self, form: object, blob: object) -> BaseException:
+        if not isinstance(blob, bytes):
+            raise TypeError("no pickled exception")
+        if self.untrusted:
+            if form != _FORM_PICKLE:
+                raise TypeError("untrusted peers only send plain exceptions")
+            error = restricted_loads(blob, allowed=self._allowed_errors)
+        elif form == _FORM_PICKLE:
+            error = pickle.loads(blob)
+        elif form == _FORM_PARTS:
+            cls, args, state = pickle.loads(blob)
+            error = cls.__new__(cls, *args)
+            error.args = args
+            error.__dict__.update(state)
+        else:
+            raise TypeError(f"unknown exception form {form!r}")
+        if not isinstance(error, BaseException):
+            raise TypeError(f"not an exception: {type(error)!r}")
+        return error
+
+
+def _split_out_of_band(payload: memoryview) -> tuple[memoryview, list[memoryview]]:
+    try:
+        (count,) = _COUNT.unpack_from(payload)
+        sizes = [_SIZE.unpack_from(payload, 4 + 8 * i)[0] for i in range(count)]
+    except struct.error as exc:
+        raise ProtocolError("truncated out-of-band buffer table") from exc
+    start = 4 + 8 * count
+    end = len(payload) - sum(sizes)
+    if end < start:
+        raise ProtocolError("out-of-band buffers are larger than their frame")
+    buffers = []
+    offset = end
+    for size in sizes:
+        buffers.append(payload[offset : offset + size])
+        offset += size
+    return payload[start:end], buffers
+
+
+def _decode_hello(payload: memoryview) -> Hello:
+    magic = bytes(payload[: len(HELLO_MAGIC)])
+    if magic != HELLO_MAGIC or len(payload) != len(HELLO_MAGIC) + _HELLO.size:
+        raise ProtocolError(f"peer is not a pipe_rpc peer: hello was {bytes(payload[:32])!r}")
+    version, pid = _HELLO.unpack_from(payload, len(HELLO_MAGIC))
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+        )
+    return Hello(version, pid)
+
+
+def hello() -> Hello:
+    """This process's hello."""
+    return Hello(PROTOCOL_VERSION, os.getpid())
+
+
+def _exception_payload(error: BaseException) -> bytes:
+    """Everything the caller needs to rebuild ``error``, as plain data."""
+    cls = type(error)
+    type_name = f"{cls.__module__}.{cls.__qualname__}"
+    tb = "".join(traceback.format_exception(error))
+    try:
+        message = str(error)
+    except Exception:
+        message = "<str() failed>"
+    form, blob = _FORM_NONE, None
+    try:
+        blob = dumps(error, what="exception")
+        pickle.loads(blob)  # rebuildable here, so most likely in the caller too
+        form = _FORM_PICKLE
+    except Exception:
+        try:
+            blob = dumps((cls, error.args, dict(vars(error))), what="exception")
+            form = _FORM_PARTS
+        except Exception:
+            blob = None
+    return pickle.dumps((type_name, message, tb, form, blob), 5)

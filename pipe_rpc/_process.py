@@ -1,0 +1,462 @@
+"""``spawn()`` and ``Server[T]``: a service in a child process, its death, kill and restart.
+
+The child runs ``_child_main``: it leads a process group of its own (so a
+kill takes its grandchildren too), closes the parent ends of other servers'
+pipes it inherited under ``fork`` (so a sibling's death is never masked),
+starts a thread that ends the group if our process dies, applies the
+``Limits``, builds the service from the cloudpickled factory and serves it.
+A factory that raises sends ``StartupFailed`` instead of the hello.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar, cast
+
+import cloudpickle
+
+from ._client import DEFAULT, Client, Proxy, check_timeout
+from ._codec import Codec
+from ._errors import (
+    CallTimeoutError,
+    ClientClosedError,
+    PipeRPCError,
+    ProtocolError,
+    StartupError,
+    describe_exitcode,
+)
+from ._limits import Limits
+from ._messages import StartupFailed
+from ._server import serve
+from ._transport import Transport
+
+T = TypeVar("T")
+
+StartMethod = Literal["fork", "forkserver", "spawn"]
+OnTimeout = Literal["abandon", "kill"]
+RestartPolicy = Literal["never", "on-failure"]
+
+#: Seconds between SIGTERM and SIGKILL.
+KILL_GRACE = 0.25
+#: ``max_reply_bytes`` when ``untrusted=True`` and none is given.
+DEFAULT_UNTRUSTED_MAX_REPLY = 64 << 20
+
+# The parent ends of live servers' pipes; a child started by fork closes them all.
+_PARENT_ENDS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def default_start_method() -> StartMethod:
+    """``forkserver`` where the platform has it (never forks a threaded parent), else ``spawn``."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return "forkserver"
+    return "spawn"
+
+
+def _child_main(
+    conn: Connection,
+    factory_blob: bytes,
+    parent_pid: int,
+    limits: Limits | None,
+    max_concurrency: int,
+) -> None:
+    """The child process: set up isolation, build the service, serve it."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    for end in list(_PARENT_ENDS):
+        if end is not conn:
+            end.close()
+    _watch_parent(parent_pid)
+    try:
+        if limits is not None:
+            limits.apply()
+        factory = pickle.loads(factory_blob)
+        service = factory()
+    except BaseException as exc:
+        transport = Transport(conn, blocking=True)
+        with contextlib.suppress(OSError, Exception):
+            transport.write(Codec().encode(StartupFailed(exc)))
+        conn.close()
+        sys.exit(1)
+    serve(service, conn, max_concurrency=max_concurrency)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this process group soon after ``parent_pid`` ends, even mid-call."""
+
+    def watch() -> None:
+        try:
+            pidfd = os.pidfd_open(parent_pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        if pidfd is not None:
+            poll = select.poll()
+            poll.register(pidfd, select.POLLIN)
+            poll.poll()
+        else:  # no pidfd (not Linux, or an old kernel): look twice a second
+            while _pid_exists(parent_pid):
+                time.sleep(0.5)
+        _end_group()
+
+    threading.Thread(target=watch, name="pipe_rpc-parent-watch", daemon=True).start()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _end_group() -> None:
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(70)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the child's process group, or to the child alone if it has none yet."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+class _Child:
+    """One child process and the client talking to it."""
+
+    def __init__(self, process: BaseProcess, client: Client[Any]) -> None:
+        self.process = process
+        self.client = client
+        self.pid = cast(int, process.pid)
+        self.exitcode: int | None = None
+        self.owner = os.getpid()
+        self._poll = select.poll()
+        self._poll.register(process.sentinel, select.POLLIN)
+
+    def has_ended(self) -> bool:
+        return self.exitcode is not None or bool(self._poll.poll(0))
+
+    def stop(self, graceful: float) -> None:
+        """Graceful stop for up to ``graceful`` seconds, then SIGTERM, then SIGKILL; reap."""
+        if os.getpid() != self.owner:  # a forked copy of this handle: not ours to stop
+            return
+        self.client.close()
+        if graceful > 0:
+            self._join(graceful)
+        if self.exitcode is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            self._join(KILL_GRACE)
+        if self.exitcode is None:
+            _signal_group(self.pid, signal.SIGKILL)
+            self._join(5.0)
+        _signal_group(self.pid, signal.SIGKILL)  # grandchildren left in the group
+        if self.exitcode is not None:
+            with contextlib.suppress(ValueError):
+                self.process.close()
+
+    def _join(self, timeout: float) -> None:
+        with contextlib.suppress(ValueError, AssertionError):
+            self.process.join(timeout)
+            self.exitcode = self.process.exitcode
+
+
+class _Handle:
+    """What must be cleaned up for a ``Server``, kept apart so GC and exit can do it."""
+
+    def __init__(self) -> None:
+        self.child: _Child | None = None
+        self.lock = threading.RLock()
+        self.closed = False
+
+    def shutdown(self, graceful: float) -> None:
+        with self.lock:
+            self.closed = True
+            child = self.child
+        if child is not None:
+            child.stop(graceful)
+
+
+_LIVE: weakref.WeakSet[_Handle] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    # Registered after multiprocessing's own exit hook, so it runs first: our
+    # non-daemonic children are gone before multiprocessing would join them.
+    for handle in list(_LIVE):
+        handle.shutdown(graceful=1.0)
+
+
+class Server(Generic[T]):
+    """The handle to a service running in a child process; made by ``spawn()``.
+
+    ``proxy`` is typed as the service. With ``restart="on-failure"`` the same
+    proxy keeps working across restarts.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], T],
+        *,
+        timeout: float | None,
+        start_method: StartMethod | None,
+        on_timeout: OnTimeout,
+        restart: RestartPolicy,
+        max_concurrency: int,
+        limits: Limits | None,
+        untrusted: bool,
+        allowed_types: Iterable[type],
+        max_reply_bytes: int | None,
+        name: str | None,
+    ) -> None:
+        self.timeout = check_timeout(timeout)
+        self._method: StartMethod = start_method or default_start_method()
+        self._context: Any = multiprocessing.get_context(self._method)
+        self._on_timeout = on_timeout
+        self._restart_on_failure = restart == "on-failure"
+        self._max_concurrency = max_concurrency
+        self._limits = limits
+        self._untrusted = untrusted
+        self._allowed_types = tuple(allowed_types)
+        self._max_reply_bytes = max_reply_bytes
+        self._name = name
+        try:
+            self._factory_blob = cloudpickle.dumps(factory, 5)
+        except Exception as exc:
+            raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
+        self._handle = _Handle()
+        _LIVE.add(self._handle)
+        weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
+        self.proxy: T = cast(T, Proxy(self, DEFAULT))
+        with self._handle.lock:
+            self._start()
+
+    # -- the child ----------------------------------------------------------
+
+    def _start(self) -> None:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        _PARENT_ENDS.add(parent_end)
+        process = self._context.Process(
+            target=_child_main,
+            args=(child_end, self._factory_blob, os.getpid(), self._limits, self._max_concurrency),
+            name=self._name or "pipe_rpc-server",
+            daemon=False,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        max_reply = self._max_reply_bytes
+        if max_reply is None and self._untrusted:
+            max_reply = DEFAULT_UNTRUSTED_MAX_REPLY
+        client: Client[Any] = Client(
+            parent_end,
+            timeout=self.timeout,
+            process=process,
+            untrusted=self._untrusted,
+            allowed_types=self._allowed_types,
+            max_reply_bytes=max_reply,
+        )
+        client.death_hint = self._hint
+        child = _Child(process, client)
+        self._handle.child = child
+        try:
+            client.wait_ready()
+        except StartupError:
+            child.stop(graceful=1.0)
+            raise
+        except PipeRPCError as exc:
+            child.stop(graceful=0)
+            raise StartupError(f"the child failed while starting: {exc}") from exc
+
+    def _hint(self, exitcode: int) -> str:
+        return "" if self._limits is None else self._limits.explain(exitcode)
+
+    def _current(self) -> _Child:
+        """The live child for a call, restarting a dead one if the policy says so."""
+        handle = self._handle
+        child = handle.child
+        if (
+            child is not None
+            and child.client.broken is None
+            and not handle.closed
+            and (not self._restart_on_failure or not child.has_ended())
+        ):
+            return child
+        with handle.lock:
+            if handle.closed:
+                raise ClientClosedError("the server was closed")
+            child = handle.child
+            assert child is not None
+            dead = child.client.broken is not None or child.has_ended()
+            if dead and self._restart_on_failure:
+                child.stop(graceful=0)
+                self._start()
+                child = handle.child
+                assert child is not None
+            return child
+
+    def invoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """Call ``method`` in the child (the proxy's way in)."""
+        child = self._current()
+        try:
+            return child.client.invoke(method, args, kwargs, timeout)
+        except CallTimeoutError:
+            if self._on_timeout == "kill":
+                child.stop(graceful=0)
+            raise
+        except ProtocolError:
+            child.stop(graceful=0)
+            raise
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's pid."""
+        child = self._handle.child
+        return None if child is None else child.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The current child's exit code, ``None`` while it runs."""
+        child = self._handle.child
+        if child is None:
+            return None
+        if child.exitcode is None and child.has_ended():
+            child._join(1.0)
+        return child.exitcode
+
+    @property
+    def start_method(self) -> StartMethod:
+        """The start method the children are made with."""
+        return self._method
+
+    def is_alive(self) -> bool:
+        """Whether the current child is running."""
+        child = self._handle.child
+        return child is not None and not child.has_ended()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the child: ask it, wait up to ``timeout`` s, then SIGTERM, then SIGKILL; reap it.
+
+        Idempotent; calls in flight fail with ``ClientClosedError``.
+        """
+        self._handle.shutdown(graceful=timeout)
+
+    def kill(self) -> None:
+        """Kill the child now (SIGTERM, then SIGKILL after a short grace, its whole group)."""
+        with self._handle.lock:
+            child = self._handle.child
+        if child is not None:
+            child.stop(graceful=0)
+
+    def restart(self) -> None:
+        """Replace the child with a fresh one from the factory."""
+        with self._handle.lock:
+            if self._handle.closed:
+                raise ClientClosedError("the server was closed")
+            child = self._handle.child
+            if child is not None:
+                child.stop(graceful=0)
+            self._start()
+
+    def __enter__(self) -> T:
+        return self.proxy
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive() else describe_exitcode(self.exitcode)
+        return f"<pipe_rpc.Server pid={self.pid} {state}>"
+
+
+_ON_TIMEOUT = ("abandon", "kill")
+_RESTART = ("never", "on-failure")
+_METHODS = ("fork", "forkserver", "spawn")
+
+
+def spawn(
+    factory: Callable[[], T],
+    /,
+    *,
+    timeout: float | None = None,
+    start_method: StartMethod | None = None,
+    on_timeout: OnTimeout = "abandon",
+    restart: RestartPolicy = "never",
+    max_concurrency: int = 1,
+    limits: Limits | None = None,
+    untrusted: bool = False,
+    name: str | None = None,
+    allowed_types: Iterable[type] = (),
+    max_reply_bytes: int | None = None,
+) -> Server[T]:
+    """Start ``factory()`` in a child process and return the handle to it.
+
+    Returns once the service is built and answering. See the README for every option.
+
+    Raises:
+        ValueError: an option is out of range.
+        StartupError: the factory raised, or the child died while starting.
+    """
+    if start_method is not None and start_method not in _METHODS:
+        raise ValueError(f"start_method must be one of {_METHODS} or None, got {start_method!r}")
+    if on_timeout not in _ON_TIMEOUT:
+        raise ValueError(f"on_timeout must be one of {_ON_TIMEOUT}, got {on_timeout!r}")
+    if restart not in _RESTART:
+        raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+        raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
+    if max_reply_bytes is not None and (
+        isinstance(max_reply_bytes, bool)
+        or not isinstance(max_reply_bytes, int)
+        or max_reply_bytes < 16
+    ):
+        raise ValueError(f"max_reply_bytes must be None or an int >= 16, got {max_reply_bytes!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}")
+    return Server(
+        factory,
+        timeout=timeout,
+        start_method=start_method,
+        on_timeout=on_timeout,
+        restart=restart,
+        max_concurrency=max_concurrency,
+        limits=limits,
+        untrusted=untrusted,
+        allowed_types=allowed_types,
+        max_reply_bytes=max_reply_bytes,
+        name=name,
+    )

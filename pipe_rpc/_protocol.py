@@ -1,0 +1,258 @@
+"""The protocol as plain state machines: bytes in, messages and frames out, no I/O.
+
+Theory of operation
+-------------------
+
+Two ends share one duplex byte stream. Each end first sends a ``Hello``
+(magic, protocol version, pid); the first frame each end receives must be the
+peer's hello, or the peer is not speaking this protocol and the connection is
+dead (``ProtocolError``).
+
+The client numbers its calls (``call_id`` 1, 2, 3, ...) and keeps a table of
+pending calls: call id -> an opaque *slot* given by the I/O layer. A reply
+(``Return``, ``Raise`` or ``Fail``) is matched to its slot by id and the slot
+leaves the table. A call that gives up (timeout) is *abandoned*: it leaves the
+table, so its late reply finds no slot and is dropped and counted, never
+handed to another call. Deadlines themselves live with the waiting caller;
+the table only knows which ids may still be answered.
+
+The server answers each ``Call`` with exactly one reply carrying its id, in
+any order. A payload that will not unpickle fails its own call
+(``UndecodablePayload`` -> ``Fail``), never the connection; a frame that is
+not a frame at all, an unknown tag or a reply to an id never sent breaks the
+connection (``ProtocolError``).
+
+``FrameReader`` cuts the stream into frame bodies. Large frames are read in
+place: once their length is known, ``read_target()`` hands the I/O layer the
+rest of a buffer of exactly that size to read into, so big payloads are not
+copied chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from ._codec import Buffer, Codec, UndecodablePayload, hello
+from ._errors import MethodNotFoundError, ProtocolError, SerializationError
+from ._messages import Call, Fail, FailKind, Hello, Message, Raise, Return, Shutdown, StartupFailed
+
+S = TypeVar("S")
+
+_LENGTH = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+#: A frame at least this large is read in place into a buffer of its own.
+BIG_FRAME = 1 << 20
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame's length is over the bound the reader was given."""
+
+
+class FrameReader:
+    """Cuts a stream of bytes (as ``Connection.send_bytes`` frames it) into frame bodies.
+
+    Args:
+        max_frame: refuse any frame whose body is longer (``None``: no bound).
+    """
+
+    def __init__(self, max_frame: int | None = None) -> None:
+        self.max_frame = max_frame
+        self._rest = b""  # bytes of an unfinished small frame
+        self._big: bytearray | None = None  # body of a large frame being read in place
+        self._big_filled = 0
+
+    def read_target(self) -> memoryview | None:
+        """Where to read the next bytes directly, or ``None`` to ``feed()`` what you read."""
+        if self._big is None:
+            return None
+        return memoryview(self._big)[self._big_filled :]
+
+    def filled(self, count: int) -> list[Buffer]:
+        """``count`` bytes were read into ``read_target()``; return the frames now complete."""
+        assert self._big is not None
+        self._big_filled += count
+        if self._big_filled < len(self._big):
+            return []
+        body, self._big, self._big_filled = self._big, None, 0
+        return [body]
+
+    def feed(self, data: bytes) -> list[Buffer]:
+        """Take bytes read from the stream; return the frame bodies now complete."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        frames: list[Buffer] = []
+        pos, end = 0, len(data)
+        while end - pos >= 4:
+            (size,) = _LENGTH.unpack_from(data, pos)
+            head = 4
+            if size < 0:
+                if size != -1:
+                    raise ProtocolError(f"frame length {size} is negative")
+                if end - pos < 12:
+                    break
+                (size,) = _LONG.unpack_from(data, pos + 4)
+                head = 12
+            if self.max_frame is not None and size > self.max_frame:
+                raise FrameTooLargeError(
+                    f"frame of {size} bytes is over the bound of {self.max_frame} bytes"
+                )
+            start = pos + head
+            if end - start >= size:
+                frames.append(memoryview(data)[start : start + size])
+                pos = start + size
+                continue
+            if size >= BIG_FRAME:
+                self._big = bytearray(size)
+                have = end - start
+                self._big[:have] = memoryview(data)[start:end]
+                self._big_filled = have
+                return frames
+            break
+        if pos < end:
+            self._rest = data[pos:]
+        return frames
+
+    @property
+    def idle(self) -> bool:
+        """No partial frame is buffered."""
+        return not self._rest and self._big is None
+
+
+class ClientProtocol(Generic[S]):
+    """The client end: numbers calls, matches replies to their slots, drops late ones."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.pending: dict[int, S] = {}
+        self.peer: Hello | None = None
+        self.late_replies = 0
+        self._ids: Iterator[int] = itertools.count(1)
+
+    def greeting(self) -> list[Buffer]:
+        """The frame to send before anything else."""
+        return self.codec.encode(hello())
+
+    def send_call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], slot: S
+    ) -> tuple[int, list[Buffer]]:
+        """Register a call and return its id and frame.
+
+        Raises:
+            SerializationError: an argument would not pickle; nothing was registered.
+        """
+        call_id = next(self._ids)
+        frame = self.codec.encode_call(call_id, method, args, kwargs)
+        self.pending[call_id] = slot
+        return call_id, frame
+
+    def abandon(self, call_id: int) -> bool:
+        """Give up on a call; False if its reply was already taken (it has an outcome)."""
+        return self.pending.pop(call_id, None) is not None
+
+    def receive(self, body: Buffer) -> tuple[S, bool, Any] | None:
+        """Take one frame body; return ``(slot, ok, value_or_error)`` for a reply, else None.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; the connection is dead.
+            StartupFailedSignal: the first message says the child's factory failed.
+        """
+        try:
+            message = self.codec.decode(body)
+        except UndecodablePayload as exc:
+            slot = self._take(exc.call_id)
+            if slot is None:
+                return None
+            return slot, False, SerializationError(exc.message)
+        if self.peer is None:
+            self._first(message)
+            return None
+        if isinstance(message, Return):
+            slot = self._take(message.call_id)
+            return None if slot is None else (slot, True, message.value)
+        if isinstance(message, Raise):
+            slot = self._take(message.call_id)
+            return None if slot is None else (slot, False, message.error)
+        if isinstance(message, Fail):
+            slot = self._take(message.call_id)
+            return None if slot is None else (slot, False, fail_error(message))
+        raise ProtocolError(f"a client does not accept {type(message).__name__} messages")
+
+    def _first(self, message: Message) -> None:
+        if isinstance(message, Hello):
+            self.peer = message
+            return
+        if isinstance(message, StartupFailed):
+            raise StartupFailedSignal(message)
+        raise ProtocolError(f"expected the peer's hello first, got {type(message).__name__}")
+
+    def _take(self, call_id: int) -> S | None:
+        slot = self.pending.pop(call_id, None)
+        if slot is None:
+            self.late_replies += 1
+        return slot
+
+
+class StartupFailedSignal(Exception):
+    """Raised by the client protocol when the child says its factory failed."""
+
+    def __init__(self, message: StartupFailed) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def fail_error(message: Fail) -> Exception:
+    """The caller's exception for a ``Fail`` reply."""
+    if message.kind == FailKind.METHOD_NOT_FOUND:
+        return MethodNotFoundError(message.message)
+    return SerializationError(message.message)
+
+
+class ServerProtocol:
+    """The server end: checks the client's hello, decodes calls, encodes replies."""
+
+    def __init__(self, codec: Codec | None = None) -> None:
+        self.codec = codec or Codec()
+        self.peer: Hello | None = None
+
+    def greeting(self) -> list[Buffer]:
+        """The frame to send before anything else."""
+        return self.codec.encode(hello())
+
+    def receive(self, body: Buffer) -> Call | Shutdown | Fail | None:
+        """Take one frame body: a call to run, a shutdown, a ``Fail`` to send back, or nothing.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; stop serving.
+        """
+        try:
+            message = self.codec.decode(body)
+        except UndecodablePayload as exc:
+            return Fail(exc.call_id, FailKind.SERIALIZATION, exc.message)
+        if self.peer is None:
+            if not isinstance(message, Hello):
+                raise ProtocolError(
+                    f"expected the peer's hello first, got {type(message).__name__}"
+                )
+            self.peer = message
+            return None
+        if isinstance(message, Call | Shutdown):
+            return message
+        raise ProtocolError(f"a server does not accept {type(message).__name__} messages")
+
+    def reply(self, call_id: int, ok: bool, value: Any) -> list[Buffer]:
+        """The frame answering ``call_id``: its result, or the exception it raised.
+
+        A result that will not pickle becomes a ``Fail`` naming why.
+        """
+        if ok:
+            try:
+                return self.codec.encode_return(call_id, value)
+            except SerializationError as exc:
+                return self.codec.encode(Fail(call_id, FailKind.SERIALIZATION, str(exc)))
+        if isinstance(value, Fail):
+            return self.codec.encode(value)
+        return self.codec.encode(Raise(call_id, value))

@@ -1,0 +1,217 @@
+"""Thin I/O around a Connection's file descriptor: write frames, read frames with a deadline.
+
+The descriptor of a duplex ``multiprocessing.Pipe`` is one end of a socket
+pair. It is read and written here directly (``os.read``/``os.readv``/
+``os.writev``), framed exactly as ``Connection.send_bytes`` frames, so that
+several replies can be taken in one read and large frames are read in place.
+The client side is non-blocking: every wait is a ``poll`` that also watches
+the peer process's sentinel and never outlives the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+from ._codec import Buffer
+from ._protocol import FrameReader
+
+_READ_SIZE = 1 << 16
+_IN = select.POLLIN | select.POLLPRI
+_BAD = select.POLLERR | select.POLLNVAL
+_SOCKET_BUFFER = 1 << 22
+
+
+class PeerGone(Exception):
+    """End of file or a reset on the pipe, or the peer's sentinel fired."""
+
+
+class WriteTimeout(Exception):
+    """The deadline passed while a frame was half written; the stream is no longer framed."""
+
+
+def enlarge_buffers(conn: Connection) -> None:
+    """Ask for larger socket buffers (fewer wake-ups for big payloads); harmless if refused."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:
+        return
+    with sock:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:
+                pass
+
+
+def shutdown(conn: Connection) -> None:
+    """Shut the socket down both ways: wakes a thread polling it and tells the peer."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:
+        return
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before ``deadline`` (``None``: no deadline), never negative."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+class Transport:
+    """Frames over one descriptor, with deadlines and a peer sentinel.
+
+    Args:
+        conn: one end of a duplex ``multiprocessing.Pipe``.
+        sentinel: a descriptor that becomes readable when the peer process ends.
+        max_frame: refuse frames longer than this (``ProtocolError``).
+        blocking: keep the descriptor blocking (the server's single reader).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        sentinel: int | None = None,
+        max_frame: int | None = None,
+        blocking: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.reader = FrameReader(max_frame)
+        self.sentinel = sentinel
+        self.blocking = blocking
+        os.set_blocking(self.fd, blocking)
+        self._poll = select.poll()
+        self._poll.register(self.fd, _IN)
+        if sentinel is not None:
+            self._poll.register(sentinel, _IN)
+
+    def write(self, segments: Sequence[Buffer], deadline: float | None = None) -> None:
+        """Write one or more frames whole.
+
+        Raises:
+            PeerGone: the peer closed its end.
+            WriteTimeout: the deadline passed after part of a frame was written.
+        """
+        fd = self.fd
+        if len(segments) == 1:
+            data = segments[0]
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise PeerGone(str(exc)) from exc
+            if written == len(memoryview(data)):
+                return
+        else:
+            written = 0
+        self._write_rest(segments, written, deadline)
+
+    def _write_rest(self, segments: Sequence[Buffer], skip: int, deadline: float | None) -> None:
+        views = [memoryview(s).cast("B") for s in segments]
+        while views:
+            while views and skip >= len(views[0]):
+                skip -= len(views[0])
+                views.pop(0)
+            if not views:
+                return
+            views[0] = views[0][skip:]
+            skip = 0
+            try:
+                skip = os.writev(self.fd, views[:64])
+                continue
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise PeerGone(str(exc)) from exc
+            self._wait_writable(deadline)
+
+    def _wait_writable(self, deadline: float | None) -> None:
+        poll = select.poll()
+        poll.register(self.fd, select.POLLOUT)
+        if self.sentinel is not None:
+            poll.register(self.sentinel, _IN)
+        left = remaining(deadline)
+        events = poll.poll(None if left is None else left * 1000)
+        if not events and left is not None:
+            raise WriteTimeout("deadline passed while writing")
+        for fd, _ in events:
+            if fd == self.sentinel:
+                raise PeerGone("peer process ended")
+
+    def read(self, timeout: float | None) -> list[Buffer]:
+        """Wait up to ``timeout`` seconds (``None``: no bound) and return the frames that came.
+
+        An empty list means the time ran out or only part of a frame came.
+
+        Raises:
+            PeerGone: end of file, a reset, or the peer's sentinel fired with nothing left to read.
+            ProtocolError: the stream broke the framing.
+        """
+        events = self._poll.poll(None if timeout is None else timeout * 1000)
+        if not events:
+            return []
+        readable = False
+        for fd, mask in events:
+            if fd == self.fd:
+                if mask & _BAD and not mask & _IN:
+                    raise PeerGone(f"pipe descriptor reported poll events {mask:#x}")
+                readable = True
+        if not readable:
+            # The sentinel fired; the peer may still have written a last reply before it died.
+            frames = self.read_available()
+            if frames:
+                return frames
+            raise PeerGone("peer process ended")
+        return self.read_available()
+
+    def read_available(self) -> list[Buffer]:
+        """Read what is there without waiting; raise PeerGone at end of file."""
+        frames: list[Buffer] = []
+        reader = self.reader
+        fd = self.fd
+        while True:
+            if frames and self.blocking:
+                return frames
+            target = reader.read_target()
+            try:
+                if target is not None:
+                    count = os.readv(fd, [target])
+                    if count == 0:
+                        raise PeerGone("end of file in the middle of a frame")
+                    frames.extend(reader.filled(count))
+                    continue
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return frames
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise PeerGone(str(exc)) from exc
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTCONN):
+                    raise PeerGone(str(exc)) from exc
+                raise
+            if not data:
+                raise PeerGone("end of file")
+            frames.extend(reader.feed(data))
+            if len(data) < _READ_SIZE and reader.read_target() is None:
+                return frames
+
+    def read_blocking(self) -> list[Buffer]:
+        """Block until at least one whole frame has come (a blocking descriptor)."""
+        while True:
+            frames = self.read_available()
+            if frames:
+                return frames

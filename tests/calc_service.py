@@ -1,0 +1,87 @@
+"""Services for the call tests; importable by children under every start method."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class CustomError(Exception):
+    """An exception whose __init__ does not take its own args."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class LockedError(Exception):
+    """An exception that holds a lock, so it cannot pickle."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class CalcService:
+    counter = 0
+
+    def __init__(self) -> None:
+        self._called_secret = False
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def apply(self, fn: Callable[[int], int], value: int) -> int:
+        return fn(value)
+
+    def fail(self, *args: object) -> None:
+        raise ValueError(*args)
+
+    def raise_custom(self, code: int, detail: str) -> None:
+        raise CustomError(code, detail)
+
+    def raise_with_lock(self) -> None:
+        raise LockedError("holds a lock")
+
+    def raise_chained(self) -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise RuntimeError("outer") from exc
+
+    def raise_builtin(self, name: str) -> None:
+        kinds: dict[str, type[BaseException]] = {
+            "SystemExit": SystemExit,
+            "KeyboardInterrupt": KeyboardInterrupt,
+        }
+        raise kinds[name]()
+
+    def make_lock(self) -> threading.Lock:
+        return threading.Lock()
+
+    def make_bytes(self, size: int) -> bytes:
+        return bytes(size)
+
+    def sleep_then_return(self, seconds: float, value: Any) -> Any:
+        time.sleep(seconds)
+        return value
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def prop(self) -> int:
+        raise AssertionError("a property must never run")
+
+    def _secret(self) -> None:
+        self._called_secret = True
+
+    def secret_was_called(self) -> bool:
+        return self._called_secret

@@ -1,0 +1,236 @@
+"""Calls through real child processes: replies, errors, threads, timeouts, big payloads."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import pipe_rpc
+from tests.calc_service import CalcService
+
+METHODS = ["fork", "forkserver", "spawn"]
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def server(request: pytest.FixtureRequest) -> Iterator[pipe_rpc.Server[CalcService]]:
+    with_server = pipe_rpc.spawn(CalcService, start_method=request.param, max_concurrency=1)
+    try:
+        yield with_server
+    finally:
+        with_server.close()
+
+
+class CustomInitError(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def test_spawn_calls_and_closes(server: pipe_rpc.Server[CalcService]) -> None:
+    assert server.proxy.add(1, 2) == 3
+    assert server.is_alive()
+    assert server.pid != os.getpid()
+
+
+def test_remote_exception_keeps_type_args_and_traceback(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    with pytest.raises(ValueError, match="bad value") as info:
+        server.proxy.fail("bad value", 42)
+    assert info.value.args == ("bad value", 42)
+    cause = info.value.__cause__
+    assert isinstance(cause, pipe_rpc.RemoteTraceback)
+    assert "calc_service.py" in str(cause)
+    assert "in fail" in str(cause)
+
+
+def test_exception_with_custom_init_arguments_is_rebuilt(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    with pytest.raises(Exception, match="7: seven") as info:
+        server.proxy.raise_custom(7, "seven")
+    assert type(info.value).__name__ == "CustomError"
+    assert info.value.code == 7  # type: ignore[attr-defined]
+
+
+def test_exception_holding_a_lock_becomes_remote_error(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    with pytest.raises(pipe_rpc.RemoteError) as info:
+        server.proxy.raise_with_lock()
+    assert info.value.remote_type == "tests.calc_service.LockedError"
+    assert "raise_with_lock" in info.value.remote_traceback
+    assert server.proxy.add(1, 1) == 2
+
+
+def test_chained_exception_shows_both_tracebacks(server: pipe_rpc.Server[CalcService]) -> None:
+    with pytest.raises(RuntimeError, match="outer") as info:
+        server.proxy.raise_chained()
+    text = str(info.value.__cause__)
+    assert "KeyError" in text
+    assert "direct cause" in text
+
+
+@pytest.mark.parametrize("exc_name", ["SystemExit", "KeyboardInterrupt"])
+def test_remote_system_exit_never_ends_the_caller(
+    server: pipe_rpc.Server[CalcService], exc_name: str
+) -> None:
+    with pytest.raises(pipe_rpc.RemoteError, match=exc_name) as info:
+        server.proxy.raise_builtin(exc_name)
+    assert info.value.remote_type == f"builtins.{exc_name}"
+    assert server.proxy.add(2, 2) == 4
+
+
+def test_unknown_and_private_methods(server: pipe_rpc.Server[CalcService]) -> None:
+    with pytest.raises(pipe_rpc.MethodNotFoundError):
+        server.proxy.nope()  # type: ignore[attr-defined]
+    assert not hasattr(server.proxy, "_anything")  # answered locally
+    for name in ["a.b", "counter", "prop", "nope"]:
+        with pytest.raises(pipe_rpc.MethodNotFoundError):
+            getattr(server.proxy, name)()
+    assert server.proxy.add(3, 3) == 6
+
+
+def test_underscore_names_are_refused_by_the_server_too() -> None:
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=pipe_rpc.serve, args=(CalcService(), child))
+    process.start()
+    child.close()
+    with pipe_rpc.Client[CalcService](parent, process=process) as client:
+        for name in ["_secret", "__class__", "__init__", "add.__globals__"]:
+            with pytest.raises(pipe_rpc.MethodNotFoundError):
+                client.call(name)
+        assert client.call("secret_was_called") is False
+    process.join(5)
+
+
+def test_unpicklable_argument_raises_before_sending(server: pipe_rpc.Server[CalcService]) -> None:
+    with pytest.raises(pipe_rpc.SerializationError):
+        server.proxy.echo(threading.Lock())
+    assert server.proxy.add(1, 2) == 3
+
+
+def test_lambda_and_closure_arguments_travel_by_value(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    base = 10
+    assert server.proxy.apply(lambda x: x + base, 5) == 15
+
+
+def test_unpicklable_result_is_serialization_error_and_child_lives(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    pid = server.pid
+    with pytest.raises(pipe_rpc.SerializationError, match="result"):
+        server.proxy.make_lock()
+    assert server.proxy.add(1, 2) == 3
+    assert server.pid == pid
+
+
+def test_timeout_and_late_reply_never_reaches_next_call(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    quick = pipe_rpc.options(server.proxy, timeout=0.2)
+    with pytest.raises(pipe_rpc.CallTimeoutError):
+        quick.sleep_then_return(0.5, "late")
+    assert isinstance(pipe_rpc.CallTimeoutError("x"), TimeoutError)
+    # The late reply arrives while this call waits; it must be dropped.
+    assert server.proxy.echo("fresh") == "fresh"
+
+
+def test_timeout_must_be_positive(server: pipe_rpc.Server[CalcService]) -> None:
+    for bad in (0, -1, "1"):
+        with pytest.raises(ValueError, match="timeout must be None or > 0"):
+            pipe_rpc.options(server.proxy, timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        pipe_rpc.spawn(CalcService, timeout=-1)
+
+
+def test_many_threads_share_one_proxy_and_get_their_own_replies(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(200):
+                payload = bytes([n]) * ((i * 997 + n * 13) % 70_000)
+                assert server.proxy.echo((n, i, payload)) == (n, i, payload)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(60)
+def test_64_mib_arguments_and_results(server: pipe_rpc.Server[CalcService]) -> None:
+    big = os.urandom(1 << 16) * 1024
+    assert len(big) == 64 << 20
+    assert server.proxy.echo(big) == big
+    assert server.proxy.make_bytes(64 << 20)[-5:] == b"\x00" * 5
+
+
+def test_hand_written_setup_with_protocol_client() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=pipe_rpc.serve, args=(CalcService(), child))
+    process.start()
+    child.close()
+    try:
+        with pipe_rpc.Client[CalcService](parent, process=process) as client:
+            assert client.proxy.add(1, 2) == 3
+            assert client.call("add", 2, b=5) == 7
+        process.join(5)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+def test_calls_after_close_raise_client_closed() -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    proxy = server.proxy
+    assert proxy.add(1, 1) == 2
+    server.close()
+    server.close()  # idempotent
+    with pytest.raises(pipe_rpc.ClientClosedError):
+        proxy.add(1, 1)
+    assert server.exitcode == 0
+
+
+def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4) as calc:
+        started = time.monotonic()
+        threads = [threading.Thread(target=calc.sleep_then_return, args=(0.5, i)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        # Serial would need 2 s; allow generous slack for a loaded machine.
+        assert time.monotonic() - started < 1.8
+
+
+def test_startup_error_carries_factory_traceback() -> None:
+    with pytest.raises(pipe_rpc.StartupError) as info:
+        pipe_rpc.spawn(_failing_factory, start_method="fork")
+    assert "factory is broken" in str(info.value)
+    assert "_failing_factory" in info.value.remote_traceback
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def _failing_factory() -> CalcService:
+    raise RuntimeError("factory is broken")

@@ -1,0 +1,245 @@
+"""The sans-IO protocol, tested as two ends wired back to back in memory: no processes."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
+from pipe_rpc._codec import Buffer, Codec
+from pipe_rpc._messages import Call, Fail, Hello, Shutdown
+from pipe_rpc._protocol import (
+    BIG_FRAME,
+    ClientProtocol,
+    FrameReader,
+    FrameTooLargeError,
+    ServerProtocol,
+)
+from pipe_rpc._server import Dispatcher
+
+
+def _join(segments: Sequence[Buffer]) -> bytes:
+    return b"".join(bytes(memoryview(s).cast("B")) for s in segments)
+
+
+class Service:
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def boom(self) -> None:
+        raise KeyError("missing")
+
+    def lock(self) -> threading.Lock:
+        return threading.Lock()
+
+    @property
+    def prop(self) -> int:
+        raise AssertionError("a property getter must never run")
+
+    not_callable = 3
+
+    def _private(self) -> None:
+        raise AssertionError("never runs")
+
+
+class Pair:
+    """A client protocol and a server protocol joined by two in-memory byte streams."""
+
+    def __init__(self) -> None:
+        self.client: ClientProtocol[str] = ClientProtocol(Codec())
+        self.server = ServerProtocol(Codec())
+        self.dispatcher = Dispatcher(Service())
+        self.to_server = FrameReader()
+        self.to_client = FrameReader()
+        self.replies: list[tuple[str, bool, Any]] = []
+        self._serve(self.client.greeting())
+        self._answer(self.server.greeting())
+
+    def _serve(self, segments: Sequence[Buffer]) -> list[bytes]:
+        out: list[bytes] = []
+        for body in self.to_server.feed(_join(segments)):
+            message = self.server.receive(body)
+            if isinstance(message, Call):
+                ok, value = self.dispatcher.run(message)
+                out.append(_join(self.server.reply(message.call_id, ok, value)))
+            elif isinstance(message, Fail):
+                out.append(_join(self.server.reply(message.call_id, False, message)))
+        return out
+
+    def _answer(self, segments: Sequence[Buffer]) -> None:
+        for body in self.to_client.feed(_join(segments)):
+            got = self.client.receive(body)
+            if got is not None:
+                self.replies.append(got)
+
+    def call(self, method: str, *args: Any, slot: str = "slot") -> list[bytes]:
+        """Send a call; return the server's reply bytes without delivering them."""
+        _, frame = self.client.send_call(method, args, {}, slot)
+        return self._serve(frame)
+
+    def deliver(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self._answer([chunk])
+
+
+def test_call_round_trip_delivers_value_to_its_slot() -> None:
+    pair = Pair()
+    pair.deliver(pair.call("add", 1, 2, slot="a"))
+    assert pair.replies == [("a", True, 3)]
+    assert pair.client.pending == {}
+
+
+def test_replies_in_any_order_reach_their_own_slots() -> None:
+    pair = Pair()
+    first = pair.call("add", 1, 1, slot="first")
+    second = pair.call("add", 2, 2, slot="second")
+    pair.deliver(second + first)
+    assert pair.replies == [("second", True, 4), ("first", True, 2)]
+
+
+def test_remote_exception_is_rebuilt_with_remote_traceback() -> None:
+    pair = Pair()
+    pair.deliver(pair.call("boom"))
+    _, ok, error = pair.replies[0]
+    assert not ok
+    assert type(error) is KeyError
+    assert error.args == ("missing",)
+    assert "in boom" in str(error.__cause__)
+
+
+@pytest.mark.parametrize("name", ["_private", "__class__", "a.b", "prop", "not_callable", "nope"])
+def test_refused_names_give_method_not_found_and_run_nothing(name: str) -> None:
+    pair = Pair()
+    pair.deliver(pair.call(name))
+    _, ok, error = pair.replies[0]
+    assert not ok
+    assert isinstance(error, MethodNotFoundError)
+
+
+def test_unpicklable_result_fails_only_its_call() -> None:
+    pair = Pair()
+    pair.deliver(pair.call("lock"))
+    pair.deliver(pair.call("add", 2, 3, slot="next"))
+    (_, ok, error), after = pair.replies
+    assert not ok
+    assert isinstance(error, SerializationError)
+    assert after == ("next", True, 5)
+
+
+def test_unpicklable_argument_raises_before_registering() -> None:
+    pair = Pair()
+    with pytest.raises(SerializationError, match="arguments of add"):
+        pair.client.send_call("add", (threading.Lock(), 1), {}, "slot")
+    assert pair.client.pending == {}
+
+
+def test_argument_that_fails_to_unpickle_in_server_fails_its_call() -> None:
+    pair = Pair()
+    _, frame = pair.client.send_call("add", (1, 2), {}, "bad")
+    body = bytearray(_join(frame))
+    body[-3:] = b"\xff\xff\xff"  # corrupt the pickle, not the frame header
+    pair.deliver(pair._serve([bytes(body)]))
+    _, ok, error = pair.replies[0]
+    assert not ok
+    assert isinstance(error, SerializationError)
+
+
+def test_abandoned_call_late_reply_is_dropped_and_counted() -> None:
+    pair = Pair()
+    late = pair.call("add", 1, 2, slot="late")
+    assert pair.client.abandon(1)
+    following = pair.call("add", 5, 5, slot="next")
+    pair.deliver(late + following)
+    assert pair.replies == [("next", True, 10)]
+    assert pair.client.late_replies == 1
+
+
+def test_abandon_after_reply_taken_says_false() -> None:
+    pair = Pair()
+    pair.deliver(pair.call("add", 1, 2))
+    assert not pair.client.abandon(1)
+
+
+def test_client_refuses_anything_but_hello_first() -> None:
+    client: ClientProtocol[str] = ClientProtocol(Codec())
+    frame = _join(Codec().encode_return(1, 3))
+    (body,) = FrameReader().feed(frame)
+    with pytest.raises(ProtocolError, match="hello"):
+        client.receive(body)
+
+
+def test_server_refuses_calls_before_hello() -> None:
+    server = ServerProtocol(Codec())
+    (body,) = FrameReader().feed(_join(Codec().encode(Call(1, "add", (1, 2), {}))))
+    with pytest.raises(ProtocolError, match="hello"):
+        server.receive(body)
+
+
+def test_hello_of_other_version_is_a_protocol_error() -> None:
+    codec = Codec()
+    (body,) = FrameReader().feed(_join(codec.encode(Hello(version=99, pid=1))))
+    with pytest.raises(ProtocolError, match="version 99"):
+        codec.decode(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\x03", b"\x63" + b"\x00" * 8 + b"junk", b"garbage that is not a pipe_rpc hello"],
+)
+def test_garbage_bodies_are_protocol_errors(body: bytes) -> None:
+    client: ClientProtocol[str] = ClientProtocol(Codec())
+    with pytest.raises(ProtocolError):
+        client.receive(body)
+
+
+def test_shutdown_reaches_server() -> None:
+    pair = Pair()
+    (body,) = FrameReader().feed(_join(Codec().encode(Shutdown())))
+    assert pair.server.receive(body) == Shutdown()
+
+
+def test_frame_reader_splits_any_chunking() -> None:
+    frames = [_join(Codec().encode_return(i, "x" * i)) for i in range(1, 40)]
+    stream = b"".join(frames)
+    for step in (1, 3, 7, 64, len(stream)):
+        reader = FrameReader()
+        got: list[bytes] = []
+        for start in range(0, len(stream), step):
+            got += [bytes(b) for b in reader.feed(stream[start : start + step])]
+        assert got == [f[4:] for f in frames]
+        assert reader.idle
+
+
+def test_frame_reader_reads_big_frames_in_place() -> None:
+    payload = bytes(range(256)) * (BIG_FRAME // 128)
+    frame = _join(Codec().encode_return(7, payload))
+    reader = FrameReader()
+    assert reader.feed(frame[:1000]) == []
+    target = reader.read_target()
+    assert target is not None
+    rest = frame[1000:]
+    target[: len(rest)] = rest
+    (body,) = reader.filled(len(rest))
+    assert Codec().decode(body).value == payload  # type: ignore[union-attr]
+    assert reader.read_target() is None
+
+
+def test_frame_reader_matches_connection_framing_for_long_lengths() -> None:
+    reader = FrameReader(max_frame=100)
+    with pytest.raises(FrameTooLargeError):
+        reader.feed(struct.pack("!iQ", -1, 1 << 33))
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(struct.pack("!i", -7))
+
+
+def test_out_of_band_buffers_round_trip_without_copy() -> None:
+    data = bytearray(b"abc" * 1000)
+    frame = _join(Codec().encode_return(3, pickle.PickleBuffer(data)))
+    (body,) = FrameReader().feed(frame)
+    value = Codec().decode(body).value  # type: ignore[union-attr]
+    assert bytes(value) == bytes(data)
