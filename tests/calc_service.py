@@ -52,7 +52,8 @@ class CalcService:
 
     def raise_chained(self) -> None:
         try:
-            {}["key"]
+            missing: dict[str, int] = {}
+            missing["key"]  # noqa: B018
         except KeyError as exc:
             raise RuntimeError("outer") from exc
 
