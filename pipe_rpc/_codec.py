@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import reprlib
 import struct
 import traceback
 from collections.abc import Iterable, Mapping
@@ -48,7 +49,10 @@ from ._messages import (
 from ._untrusted import UntrustedDataError, allowed_globals, restricted_loads
 
 Buffer = bytes | bytearray | memoryview | pickle.PickleBuffer
+#: One frame's body as the reader hands it out.
+Body = bytes | bytearray | memoryview
 
+_HEAD = struct.Struct("!iBQ")  # length, tag, call id: the head of a frame under 2 GiB
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!iQ")
 _BODY = struct.Struct("!BQ")
@@ -56,6 +60,8 @@ _HELLO = struct.Struct("!HI")
 _COUNT = struct.Struct("!I")
 _SIZE = struct.Struct("!Q")
 OUT_OF_BAND = 0x80
+# The tags as plain ints for the hot paths (comparing with an IntEnum member is slower).
+CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
 MAX_SHORT_FRAME = 0x7FFFFFFF
 #: Below this a frame is joined into one bytes object before writing.
 _JOIN_BELOW = 1 << 16
@@ -109,6 +115,21 @@ def _frame(
     if size < _JOIN_BELOW:
         return [head + payload]
     return [head, payload]
+
+
+def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
+    """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
+    except Exception:
+        payload = b"__main__"  # take the full path below
+    if b"__main__" in payload:
+        payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
+    size = len(payload) + 9
+    if size < _JOIN_BELOW and not buffers:
+        return [_HEAD.pack(size, tag, call_id) + payload]
+    return _frame(tag, call_id, payload, buffers)
 
 
 def _length(size: int) -> bytes:
@@ -166,19 +187,31 @@ class Codec:
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
-        buffers: list[pickle.PickleBuffer] = []
-        payload = dumps((method, args, kwargs), what=f"arguments of {method}()", buffers=buffers)
-        return _frame(Tag.CALL, call_id, payload, buffers)
+        return _fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
         """The hot path of ``encode`` for a return value."""
-        buffers: list[pickle.PickleBuffer] = []
-        payload = dumps(value, what="result", buffers=buffers)
-        return _frame(Tag.RETURN, call_id, payload, buffers)
+        return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
 
-    def decode(self, body: Buffer) -> Message:
+    def loads(self, call_id: int, payload: memoryview, what: str) -> Any:
+        """Unpickle one in-band payload (trusted or restricted, as this codec is set up).
+
+        Raises:
+            ProtocolError: an untrusted peer sent something not allowed.
+            UndecodablePayload: it would not unpickle.
+        """
+        if not self.untrusted:
+            try:
+                return pickle.loads(payload)
+            except Exception as exc:
+                raise UndecodablePayload(
+                    call_id, f"{what} could not be unpickled: {exc!r}"
+                ) from exc
+        return self._loads(call_id, payload, None, what)
+
+    def decode(self, body: Body) -> Message:
         """The message in one frame body.
 
         Raises:
@@ -230,7 +263,7 @@ class Codec:
             type_name, message, tb, form, blob = parts
             type_name, message, tb = str(type_name), str(message), str(tb)
         except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed exception payload: {parts!r:.200}") from exc
+            raise ProtocolError(f"malformed exception payload: {reprlib.repr(parts)}") from exc
         error: BaseException
         try:
             error = self._rebuild_exception(form, blob)

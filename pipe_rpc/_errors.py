@@ -30,7 +30,7 @@ class _Equality:
     args: tuple[Any, ...]
 
     def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
+        if not isinstance(other, type(self)) or type(other) is not type(self):
             return NotImplemented
         return self.args == other.args and _state(self) == _state(other)
 
@@ -117,9 +117,9 @@ class RemoteTraceback(Exception):
         return self.tb
 
     def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
+        if not isinstance(other, type(self)) or type(other) is not type(self):
             return NotImplemented
-        return self.args == other.args
+        return bool(self.args == other.args)
 
     def __hash__(self) -> int:
         return hash(self.args)

@@ -35,12 +35,13 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
-from ._codec import Buffer, Codec, UndecodablePayload, hello
+from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Fail, FailKind, Hello, Message, Raise, Return, Shutdown, StartupFailed
 
 S = TypeVar("S")
 
+_BODY = struct.Struct("!BQ")
 _LENGTH = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 #: A frame at least this large is read in place into a buffer of its own.
@@ -70,7 +71,7 @@ class FrameReader:
             return None
         return memoryview(self._big)[self._big_filled :]
 
-    def filled(self, count: int) -> list[Buffer]:
+    def filled(self, count: int) -> list[Body]:
         """``count`` bytes were read into ``read_target()``; return the frames now complete."""
         assert self._big is not None
         self._big_filled += count
@@ -79,12 +80,16 @@ class FrameReader:
         body, self._big, self._big_filled = self._big, None, 0
         return [body]
 
-    def feed(self, data: bytes) -> list[Buffer]:
+    def feed(self, data: bytes) -> list[Body]:
         """Take bytes read from the stream; return the frame bodies now complete."""
+        if not self._rest and len(data) > 4:  # the hot path: exactly one whole frame
+            (size,) = _LENGTH.unpack_from(data)
+            if size == len(data) - 4 and (self.max_frame is None or size <= self.max_frame):
+                return [memoryview(data)[4:]]
         if self._rest:
             data = self._rest + data
             self._rest = b""
-        frames: list[Buffer] = []
+        frames: list[Body] = []
         pos, end = 0, len(data)
         while end - pos >= 4:
             (size,) = _LENGTH.unpack_from(data, pos)
@@ -153,13 +158,23 @@ class ClientProtocol(Generic[S]):
         """Give up on a call; False if its reply was already taken (it has an outcome)."""
         return self.pending.pop(call_id, None) is not None
 
-    def receive(self, body: Buffer) -> tuple[S, bool, Any] | None:
+    def receive(self, body: Body) -> tuple[S, bool, Any] | None:
         """Take one frame body; return ``(slot, ok, value_or_error)`` for a reply, else None.
 
         Raises:
             ProtocolError: the peer broke the protocol; the connection is dead.
             StartupFailedSignal: the first message says the child's factory failed.
         """
+        if len(body) > 9 and self.peer is not None:
+            tag, call_id = _BODY.unpack_from(body)
+            if tag == RETURN:  # the hot path: a plain return value
+                try:
+                    value = self.codec.loads(call_id, memoryview(body)[9:], "result")
+                except UndecodablePayload as exc:
+                    slot = self._take(call_id)
+                    return None if slot is None else (slot, False, SerializationError(exc.message))
+                slot = self._take(call_id)
+                return None if slot is None else (slot, True, value)
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:
@@ -222,12 +237,23 @@ class ServerProtocol:
         """The frame to send before anything else."""
         return self.codec.encode(hello())
 
-    def receive(self, body: Buffer) -> Call | Shutdown | Fail | None:
+    def receive(self, body: Body) -> Call | Shutdown | Fail | None:
         """Take one frame body: a call to run, a shutdown, a ``Fail`` to send back, or nothing.
 
         Raises:
             ProtocolError: the peer broke the protocol; stop serving.
         """
+        if len(body) > 9 and self.peer is not None:
+            tag, call_id = _BODY.unpack_from(body)
+            if tag == CALL:  # the hot path: a call with its arguments in band
+                try:
+                    payload = memoryview(body)[9:]
+                    method, args, kwargs = self.codec.loads(call_id, payload, "arguments")
+                except UndecodablePayload as exc:
+                    return Fail(call_id, FailKind.SERIALIZATION, exc.message)
+                except (TypeError, ValueError) as exc:
+                    raise ProtocolError(f"malformed call payload: {exc}") from exc
+                return Call(call_id, method, args, kwargs)
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
-from ._codec import Buffer
+from ._codec import Body, Buffer
 from ._protocol import FrameReader
 
 _READ_SIZE = 1 << 16
@@ -152,7 +152,7 @@ class Transport:
             if fd == self.sentinel:
                 raise PeerGone("peer process ended")
 
-    def read(self, timeout: float | None) -> list[Buffer]:
+    def read(self, timeout: float | None) -> list[Body]:
         """Wait up to ``timeout`` seconds (``None``: no bound) and return the frames that came.
 
         An empty list means the time ran out or only part of a frame came.
@@ -178,9 +178,9 @@ class Transport:
             raise PeerGone("peer process ended")
         return self.read_available()
 
-    def read_available(self) -> list[Buffer]:
+    def read_available(self) -> list[Body]:
         """Read what is there without waiting; raise PeerGone at end of file."""
-        frames: list[Buffer] = []
+        frames: list[Body] = []
         reader = self.reader
         fd = self.fd
         while True:
@@ -209,7 +209,7 @@ class Transport:
             if len(data) < _READ_SIZE and reader.read_target() is None:
                 return frames
 
-    def read_blocking(self) -> list[Buffer]:
+    def read_blocking(self) -> list[Body]:
         """Block until at least one whole frame has come (a blocking descriptor)."""
         while True:
             frames = self.read_available()

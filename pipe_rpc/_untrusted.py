@@ -34,10 +34,10 @@ The table holds only what pickle really writes for plain data at protocols
 * ``builtins.bytearray`` (protocols 2-4), ``builtins.bytes`` (empty bytes at
   protocol 2) and ``_codecs.encode`` (non-empty bytes at protocol 2, as
   ``_codecs.encode(text, "latin1")``): stand-ins that accept only the
-  arguments pickle writes. The real ones are not safe: ``bytes(2**40)``
-  allocates and zeroes a terabyte, and ``bytearray(text, codec)`` or
-  ``_codecs.encode(text, codec)`` looks the codec up, which imports
-  ``encodings.<codec>``.
+  arguments pickle writes. The real ones are not safe: ``bytearray(n)``
+  allocates and zeroes n bytes, ``bytes(n)`` asks for n bytes, and
+  ``bytearray(text, codec)`` or ``_codecs.encode(text, codec)`` looks the
+  codec up, which imports ``encodings.<codec>`` (and what that imports).
 * Each of these under its protocol-2 name too (``__builtin__.set`` ...): an
   overridden ``find_class`` is given the raw names, before ``fix_imports``.
 
@@ -52,7 +52,10 @@ Allowed classes
 An allowed class is resolved under its own ``__module__``/``__qualname__``
 (and its protocol-2 name). Its constructor, ``__new__`` and ``__setstate__``
 are called with arguments the attacker chose (made of plain data and other
-allowed types), so allow only classes for which that is safe. Classes nested
+allowed types), and so are the ``append``, ``extend``, ``add`` and
+``__setitem__`` methods of its instances (the ``APPEND(S)``, ``ADDITEMS`` and
+``SETITEM(S)`` opcodes call them on whatever object is on the stack, without
+asking ``find_class``), so allow only classes for which that is safe. Classes nested
 in another class can only be decoded from protocol 4 and above (below that
 pickle names them through ``builtins.getattr``, which is refused). Allowing a
 plain type (``bytes``, ``dict`` ...) changes nothing: they are already
@@ -64,8 +67,9 @@ resolved to itself but to a stand-in that constructs the real class
 and cannot be changed. Otherwise a pickle could push the class and apply
 ``BUILD`` to it, and ``BUILD`` with a ``(None, {name: value})`` state is
 ``setattr(cls, name, value)``: the class itself would be changed in the
-parent, for every later use. The cost is that a pickle of the class object
-itself (not an instance) decodes to the stand-in.
+parent, for every later use. Likewise ``APPEND`` on the class would call a
+class attribute named ``append``. The cost is that a pickle of the class
+object itself (not an instance) decodes to the stand-in.
 
 Resource limits
 ===============
@@ -95,6 +99,7 @@ there that this decode then uses.
 from __future__ import annotations
 
 import _compat_pickle
+import contextvars
 import copyreg
 import io
 import pickle
@@ -158,7 +163,7 @@ class _GuardedCallable:
 
 
 class _EmptyBytes(_GuardedCallable):
-    """``bytes()``: how protocols 0-2 pickle ``b""``. ``bytes(n)`` would allocate n bytes."""
+    """``bytes()``: how protocols 0-2 pickle ``b""``. ``bytes(n)`` would ask for n bytes."""
 
     __slots__ = ()
     name = "builtins.bytes"
@@ -443,10 +448,12 @@ def _load_on_big_stack(
     size = _STACK_BASE + depth * _STACK_PER_LEVEL
     size = -(-size // _STACK_ROUNDING) * _STACK_ROUNDING
     outcome: list[tuple[bool, Any]] = []
+    # Allowed types may depend on context variables (decimal's context, say).
+    context = contextvars.copy_context()
 
     def run() -> None:
         try:
-            outcome.append((True, _load(raw, allowed, buffers)))
+            outcome.append((True, context.run(_load, raw, allowed, buffers)))
         except BaseException as exc:
             outcome.append((False, exc))
 

@@ -53,7 +53,7 @@ class CalcService:
     def raise_chained(self) -> None:
         try:
             missing: dict[str, int] = {}
-            missing["key"]  # noqa: B018
+            missing["key"]
         except KeyError as exc:
             raise RuntimeError("outer") from exc
 
