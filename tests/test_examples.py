@@ -1,0 +1,74 @@
+"""Each example runs as ``python examples/NAME.py`` from the repo root and prints what it says."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+# Each example's expected output lines, as regular expressions matched in order.
+EXPECTED: dict[str, list[str]] = {
+    "quickstart": [
+        r"add\(1, 2\) = 3",
+        r"caught ZeroDivisionError: division by zero",
+        r"remote traceback mentions divide\(\): True",
+        r"timed out after \d+\.\d s: CallTimeoutError",
+        r"add\(2, 3\) = 5",
+    ],
+    "conversation": [
+        re.escape("[42, None, 'hello']"),
+        re.escape("[None, 'two', 1]"),
+        r"answered by another process: True",
+        r"child exit code: 0",
+    ],
+    "isolate_crash": [
+        r"first child pid: \d+",
+        r"call failed: .*SIGSEGV.*",
+        r"exitcode: -11",
+        r"second child pid: \d+",
+        r"fresh child: True",
+        r"parent \d+ is still running",
+    ],
+    "typed_protocol": [
+        re.escape("get('a') = b'1'"),
+        re.escape("get('missing') = None"),
+        re.escape("keys() = ['a', 'b']"),
+        r"child exit code: 0",
+    ],
+}
+
+
+def test_every_example_is_tested() -> None:
+    assert {path.stem for path in EXAMPLES.glob("*.py")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example(name: str) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(Path("examples") / f"{name}.py")],
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(EXPECTED[name]), report
+    for line, pattern in zip(lines, EXPECTED[name], strict=True):
+        assert re.fullmatch(pattern, line), f"{line!r} does not match {pattern!r}\n{report}"
+    assert "Traceback" not in result.stderr, report
+    if name == "isolate_crash":  # the crash really took a process, not the parent
+        pids = re.findall(r"(?:child pid: |parent )(\d+)", result.stdout)
+        assert len(set(pids)) == 3, report
