@@ -320,6 +320,11 @@ class Client(Generic[T]):
 
     # -- failure ------------------------------------------------------------
 
+    def connection_lost(self, reason: str) -> None:
+        """Fail every pending and later call as if the peer had gone (its exit code if known)."""
+        if self._broken is None and not self._closed:
+            self._break(self._lost(reason))
+
     def _break(self, error: PipeRPCError) -> None:
         """The connection is dead: every pending call and every later call gets ``error``."""
         if self._broken is None:

@@ -157,11 +157,17 @@ class _Child:
         return self.exitcode is not None or bool(self._poll.poll(0))
 
     def stop(self, graceful: float) -> None:
-        """Graceful stop for up to ``graceful`` seconds, then SIGTERM, then SIGKILL; reap."""
+        """Stop the child and reap it.
+
+        With ``graceful > 0`` (``close()``) the client is closed first, which asks
+        the child to stop and fails calls in flight with ``ClientClosedError``;
+        after ``graceful`` seconds it is SIGTERM, then SIGKILL. With 0 (a kill)
+        the signals come first and calls in flight get ``WorkerDiedError``.
+        """
         if os.getpid() != self.owner:  # a forked copy of this handle: not ours to stop
             return
-        self.client.close()
         if graceful > 0:
+            self.client.close()
             self._join(graceful)
         if self.exitcode is None:
             _signal_group(self.pid, signal.SIGTERM)
@@ -170,6 +176,8 @@ class _Child:
             _signal_group(self.pid, signal.SIGKILL)
             self._join(5.0)
         _signal_group(self.pid, signal.SIGKILL)  # grandchildren left in the group
+        self.client.connection_lost("the server process was killed")
+        self.client.close()
         if self.exitcode is not None:
             with contextlib.suppress(ValueError):
                 self.process.close()
