@@ -85,7 +85,7 @@ class _Slot:
         self.waiter: Any = None
 
 
-def _fresh(error: PipeRPCError) -> PipeRPCError:
+def fresh_error(error: PipeRPCError) -> PipeRPCError:
     """A copy of ``error`` for one more caller (each raise gets its own traceback)."""
     fresh = copy.copy(error)
     fresh.__cause__ = error.__cause__
@@ -205,7 +205,7 @@ class Client(Generic[T]):
         if self._closed:
             raise ClientClosedError("the client was closed")
         if self._broken is not None:
-            raise _fresh(self._broken)
+            raise fresh_error(self._broken)
         if timeout is DEFAULT:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -293,7 +293,7 @@ class Client(Generic[T]):
                     raise CallTimeoutError(f"no hello from the server after {timeout} s")
                 self._read_once(left)
         if self._broken is not None:
-            raise _fresh(self._broken)
+            raise fresh_error(self._broken)
 
     def _deliver(self, slot: _Slot, ok: bool, value: Any) -> None:
         slot.ok = ok
@@ -335,7 +335,7 @@ class Client(Generic[T]):
                 _, slot = pending.popitem()
             except KeyError:
                 break
-            self._deliver(slot, False, _fresh(self._broken))
+            self._deliver(slot, False, fresh_error(self._broken))
 
     def _closed_error(self) -> ClientClosedError:
         return ClientClosedError("the client was closed")

@@ -71,8 +71,6 @@ _BUILTIN_EXCEPTIONS = frozenset(
     for obj in vars(builtins).values()
     if isinstance(obj, type) and issubclass(obj, BaseException)
 )
-#: Remote exceptions that must never be raised in the caller as themselves.
-_NEVER_RERAISE = (SystemExit, KeyboardInterrupt, GeneratorExit)
 
 # Exception payload forms.
 _FORM_PICKLE = 0  # the exception pickled as itself
@@ -272,7 +270,9 @@ class Codec:
                 f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
             )
         else:
-            if isinstance(error, _NEVER_RERAISE) or not isinstance(error, BaseException):
+            # SystemExit, KeyboardInterrupt and every other non-Exception (a group holding
+            # one included) would slip past the caller's ``except Exception``: never re-raise.
+            if not isinstance(error, Exception):
                 error = RemoteError(
                     f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
                 )

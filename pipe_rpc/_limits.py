@@ -56,6 +56,6 @@ class Limits:
             return f" (probably its cpu_seconds={self.cpu_seconds} limit)"
         if exitcode == -signal.SIGKILL and self.cpu_seconds is not None:
             return f" (possibly its cpu_seconds={self.cpu_seconds} limit, or a kill)"
-        if exitcode == -signal.SIGKILL and self.memory_bytes is not None:
+        if exitcode in (1, -signal.SIGKILL, -signal.SIGSEGV) and self.memory_bytes is not None:
             return f" (possibly its memory_bytes={self.memory_bytes} limit, or a kill)"
         return ""

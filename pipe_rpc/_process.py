@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 
 import cloudpickle
 
-from ._client import DEFAULT, Client, Proxy, check_timeout
+from ._client import DEFAULT, Client, Proxy, check_timeout, fresh_error
 from ._codec import Codec
 from ._errors import (
     CallTimeoutError,
@@ -317,11 +317,17 @@ class Server(Generic[T]):
             child = handle.child
             assert child is not None
             dead = child.client.broken is not None or child.has_ended()
-            if dead and self._restart_on_failure:
-                child.stop(graceful=0)
-                self._start()
-                child = handle.child
-                assert child is not None
+            if not dead:
+                return child
+            if not self._restart_on_failure:
+                child.client.connection_lost("the server process has ended")
+                broken = child.client.broken
+                assert broken is not None
+                raise fresh_error(broken)
+            child.stop(graceful=0)
+            self._start()
+            child = handle.child
+            assert child is not None
             return child
 
     def invoke(
