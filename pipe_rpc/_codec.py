@@ -89,13 +89,13 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         data = pickle.dumps(obj, 5, buffer_callback=callback)
         if b"__main__" not in data:
             return data
-    except Exception:
+    except (Exception, SystemExit):
         pass
     if buffers is not None:
         buffers.clear()
     try:
         return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
 
 
@@ -120,7 +120,7 @@ def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> 
     buffers: list[pickle.PickleBuffer] = []
     try:
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
-    except Exception:
+    except (Exception, SystemExit):
         payload = b"__main__"  # take the full path below
     if b"__main__" in payload:
         payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
@@ -203,7 +203,7 @@ class Codec:
         if not self.untrusted:
             try:
                 return pickle.loads(payload)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise UndecodablePayload(
                     call_id, f"{what} could not be unpickled: {exc!r}"
                 ) from exc
@@ -252,7 +252,7 @@ class Codec:
             return pickle.loads(payload, buffers=buffers)
         except UntrustedDataError as exc:
             raise ProtocolError(f"untrusted peer sent a {what} that is not allowed: {exc}") from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise UndecodablePayload(call_id, f"{what} could not be unpickled: {exc!r}") from exc
 
     def _decode_exception(self, call_id: int, payload: memoryview) -> BaseException:
@@ -265,7 +265,7 @@ class Codec:
         error: BaseException
         try:
             error = self._rebuild_exception(form, blob)
-        except Exception:
+        except (Exception, SystemExit):
             error = RemoteError(
                 f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
             )
@@ -342,17 +342,17 @@ def _exception_payload(error: BaseException) -> bytes:
     tb = "".join(traceback.format_exception(error))
     try:
         message = str(error)
-    except Exception:
+    except (Exception, SystemExit):
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
     try:
         blob = dumps(error, what="exception")
         pickle.loads(blob)  # rebuildable here, so most likely in the caller too
         form = _FORM_PICKLE
-    except Exception:
+    except (Exception, SystemExit):
         try:
             blob = dumps((cls, error.args, dict(vars(error))), what="exception")
             form = _FORM_PARTS
-        except Exception:
+        except (Exception, SystemExit):
             blob = None
     return pickle.dumps((type_name, message, tb, form, blob), 5)

@@ -154,7 +154,13 @@ class _Child:
         self._poll.register(process.sentinel, select.POLLIN)
 
     def has_ended(self) -> bool:
-        return self.exitcode is not None or bool(self._poll.poll(0))
+        if self.exitcode is not None or self._poll.poll(0):
+            return True
+        # Under forkserver the sentinel carries the exit status; once a join has read
+        # it the sentinel may look quiet, but the process object remembers the code.
+        with contextlib.suppress(ValueError):
+            self.exitcode = self.process.exitcode
+        return self.exitcode is not None
 
     def stop(self, graceful: float) -> None:
         """Stop the child and reap it.
