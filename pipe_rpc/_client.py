@@ -223,7 +223,23 @@ class Client(Generic[T]):
             self._break(ConnectionLostError("a call timed out half-way through its request"))
         finally:
             self._write_lock.release()
-        self._wait(slot, call_id, deadline)
+        abandoned = False
+        if self._read_lock.acquire(False):  # the common case: nobody else is reading
+            try:
+                while not slot.done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        abandoned = self._protocol.abandon(call_id)
+                        if abandoned:
+                            break
+                        left = 0.01  # its outcome is being handed over right now
+                    self._read_once(left)
+            finally:
+                self._read_lock.release()
+                if self._protocol.pending:
+                    self._wake_one()
+        if not slot.done and not abandoned:
+            self._wait(slot, call_id, deadline)
         if slot.ok:
             return slot.value
         if not slot.done:

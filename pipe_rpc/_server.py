@@ -123,9 +123,21 @@ class _Loop:
 
     def step(self) -> bool:
         """Read once and answer what came; False once the peer is done."""
+        bodies = self.transport.read_blocking()
+        if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
+            message = self.protocol.receive(bodies[0])
+            if type(message) is Call:
+                ok, value = self.dispatcher.run(message)
+                self.send(self.protocol.reply(message.call_id, ok, value))
+                return True
+            if isinstance(message, Shutdown):
+                return False
+            if isinstance(message, Fail):
+                self.send(self.protocol.reply(message.call_id, False, message))
+            return True
         out: list[Buffer] = []
         try:
-            for body in self.transport.read_blocking():
+            for body in bodies:
                 message = self.protocol.receive(body)
                 if message is None:
                     continue

@@ -20,6 +20,7 @@ both restart policies, ``close()`` during a call, and leaks over many cycles.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import re
@@ -597,6 +598,7 @@ def test_spawn_close_cycles_leave_nothing_behind(start_method: StartMethod) -> N
     # the resource tracker): warm up before taking the baseline.
     with serving(start_method) as warm:
         assert warm.proxy.add(1, 2) == 3
+    gc.collect()  # garbage from earlier tests must not close its descriptors mid-count
     fds_before = open_fds()
     threads_before = threading.active_count()
     zombies_before = zombie_children()
@@ -616,6 +618,7 @@ def test_spawn_close_cycles_leave_nothing_behind(start_method: StartMethod) -> N
     assert {p.pid for p in multiprocessing.active_children()} == children_before
     assert children_before == set(), "children left running by earlier tests"
     assert threading.active_count() == threads_before
+    gc.collect()
     fds_after = open_fds()
     leaked = {fd: target for fd, target in fds_after.items() if fds_before.get(fd) != target}
     assert len(fds_after) == len(fds_before), f"descriptors leaked: {leaked}"
