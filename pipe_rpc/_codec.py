@@ -115,7 +115,7 @@ def _frame(
     return [head, payload]
 
 
-def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
+def fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
     """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
     buffers: list[pickle.PickleBuffer] = []
     try:
@@ -185,11 +185,11 @@ class Codec:
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
-        return _fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
+        return fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
         """The hot path of ``encode`` for a return value."""
-        return _fast_frame(RETURN, call_id, value, "result", "")
+        return fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
 

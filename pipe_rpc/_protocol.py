@@ -35,7 +35,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
-from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
+from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, fast_frame, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Fail, FailKind, Hello, Message, Raise, Return, Shutdown, StartupFailed
 
@@ -150,7 +150,7 @@ class ClientProtocol(Generic[S]):
             SerializationError: an argument would not pickle; nothing was registered.
         """
         call_id = next(self._ids)
-        frame = self.codec.encode_call(call_id, method, args, kwargs)
+        frame = fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
         self.pending[call_id] = slot
         return call_id, frame
 
@@ -173,8 +173,11 @@ class ClientProtocol(Generic[S]):
                 except UndecodablePayload as exc:
                     slot = self._take(call_id)
                     return None if slot is None else (slot, False, SerializationError(exc.message))
-                slot = self._take(call_id)
-                return None if slot is None else (slot, True, value)
+                slot = self.pending.pop(call_id, None)
+                if slot is None:
+                    self.late_replies += 1
+                    return None
+                return slot, True, value
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:
@@ -276,7 +279,7 @@ class ServerProtocol:
         """
         if ok:
             try:
-                return self.codec.encode_return(call_id, value)
+                return fast_frame(RETURN, call_id, value, "result", "")
             except SerializationError as exc:
                 return self.codec.encode(Fail(call_id, FailKind.SERIALIZATION, str(exc)))
         if isinstance(value, Fail):

@@ -66,10 +66,12 @@ class Dispatcher:
 
     def run(self, call: Call) -> tuple[bool, Any]:
         """Run one call: ``(True, result)``, ``(False, exception)`` or ``(False, Fail)``."""
-        try:
-            method = self.lookup(call.method)
-        except MethodNotFoundError as exc:
-            return False, Fail(call.call_id, FailKind.METHOD_NOT_FOUND, str(exc))
+        method = self._methods.get(call.method)
+        if method is None:
+            try:
+                method = self.lookup(call.method)
+            except MethodNotFoundError as exc:
+                return False, Fail(call.call_id, FailKind.METHOD_NOT_FOUND, str(exc))
         try:
             return True, method(*call.args, **call.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt go back to the caller too
@@ -128,7 +130,8 @@ class _Loop:
             message = self.protocol.receive(bodies[0])
             if type(message) is Call:
                 ok, value = self.dispatcher.run(message)
-                self.send(self.protocol.reply(message.call_id, ok, value))
+                # One thread writes when there is no pool: no lock needed.
+                self.transport.write(self.protocol.reply(message.call_id, ok, value))
                 return True
             if isinstance(message, Shutdown):
                 return False
