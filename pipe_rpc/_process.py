@@ -150,11 +150,16 @@ class _Child:
         self.pid = cast(int, process.pid)
         self.exitcode: int | None = None
         self.owner = os.getpid()
-        self._poll = select.poll()
-        self._poll.register(process.sentinel, select.POLLIN)
+
+    def sentinel_fired(self) -> bool:
+        """The cheap check for the call path (a client that saw the death is broken anyway)."""
+        # A poll object of its own: one select.poll may not be polled by two threads at once.
+        poll = select.poll()
+        poll.register(self.process.sentinel, select.POLLIN)
+        return bool(poll.poll(0))
 
     def has_ended(self) -> bool:
-        if self.exitcode is not None or self._poll.poll(0):
+        if self.exitcode is not None or self.sentinel_fired():
             return True
         # Under forkserver the sentinel carries the exit status; once a join has read
         # it the sentinel may look quiet, but the process object remembers the code.
@@ -314,7 +319,7 @@ class Server(Generic[T]):
             child is not None
             and child.client.broken is None
             and not handle.closed
-            and (not self._restart_on_failure or not child.has_ended())
+            and (not self._restart_on_failure or not child.sentinel_fired())
         ):
             return child
         with handle.lock:

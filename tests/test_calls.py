@@ -234,3 +234,23 @@ def test_startup_error_carries_factory_traceback() -> None:
 
 def _failing_factory() -> CalcService:
     raise RuntimeError("factory is broken")
+
+
+def test_threads_share_a_restarting_proxy() -> None:
+    # restart="on-failure" checks the child's sentinel before each call, from every thread.
+    errors: list[BaseException] = []
+    with pipe_rpc.spawn(CalcService, start_method="fork", restart="on-failure") as calc:
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(300):
+                    assert calc.add(n, i) == n + i
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert errors == []
