@@ -1,0 +1,1 @@
+"""Benchmarks of pipe_rpc against raw pipes and peers; see README.md."""
