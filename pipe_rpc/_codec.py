@@ -29,8 +29,6 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import cloudpickle
-
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
 from ._messages import (
     HELLO_MAGIC,
@@ -46,7 +44,10 @@ from ._messages import (
     StartupFailed,
     Tag,
 )
-from ._untrusted import UntrustedDataError, allowed_globals, restricted_loads
+
+# cloudpickle and the restricted unpickler are imported when first needed: a child
+# started by spawn or forkserver imports this module, and every millisecond of
+# import is a millisecond of spawn().
 
 Buffer = bytes | bytearray | memoryview | pickle.PickleBuffer
 #: One frame's body as the reader hands it out.
@@ -93,6 +94,8 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         pass
     if buffers is not None:
         buffers.clear()
+    import cloudpickle
+
     try:
         return cloudpickle.dumps(obj, 5, buffer_callback=callback)
     except (Exception, SystemExit) as exc:
@@ -155,11 +158,16 @@ class Codec:
 
     def __init__(self, *, untrusted: bool = False, allowed_types: Iterable[type] = ()) -> None:
         self.untrusted = untrusted
-        self._allowed: Mapping[tuple[str, str], object] = allowed_globals(allowed_types)
-        self._allowed_errors: Mapping[tuple[str, str], object] = {
-            **self._allowed,
-            **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
-        }
+        self._allowed: Mapping[tuple[str, str], object] = {}
+        self._allowed_errors: Mapping[tuple[str, str], object] = {}
+        if untrusted:
+            from ._untrusted import allowed_globals
+
+            self._allowed = allowed_globals(allowed_types)
+            self._allowed_errors = {
+                **self._allowed,
+                **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
+            }
 
     # -- encoding ---------------------------------------------------------
 
@@ -246,10 +254,17 @@ class Codec:
     def _loads(
         self, call_id: int, payload: memoryview, buffers: list[memoryview] | None, what: str
     ) -> Any:
+        if not self.untrusted:
+            try:
+                return pickle.loads(payload, buffers=buffers)
+            except (Exception, SystemExit) as exc:
+                raise UndecodablePayload(
+                    call_id, f"{what} could not be unpickled: {exc!r}"
+                ) from exc
+        from ._untrusted import UntrustedDataError, restricted_loads
+
         try:
-            if self.untrusted:
-                return restricted_loads(payload, allowed=self._allowed, buffers=buffers)
-            return pickle.loads(payload, buffers=buffers)
+            return restricted_loads(payload, allowed=self._allowed, buffers=buffers)
         except UntrustedDataError as exc:
             raise ProtocolError(f"untrusted peer sent a {what} that is not allowed: {exc}") from exc
         except (Exception, SystemExit) as exc:
@@ -285,6 +300,8 @@ class Codec:
         if self.untrusted:
             if form != _FORM_PICKLE:
                 raise TypeError("untrusted peers only send plain exceptions")
+            from ._untrusted import restricted_loads
+
             error = restricted_loads(blob, allowed=self._allowed_errors)
         elif form == _FORM_PICKLE:
             error = pickle.loads(blob)

@@ -27,8 +27,6 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, cast
 
-import cloudpickle
-
 from ._client import DEFAULT, Client, Proxy, check_timeout, fresh_error
 from ._codec import Codec
 from ._errors import (
@@ -64,6 +62,20 @@ def default_start_method() -> StartMethod:
     if "forkserver" in multiprocessing.get_all_start_methods():
         return "forkserver"
     return "spawn"
+
+
+def _preload_in_forkserver(context: Any) -> None:
+    """Have the forkserver import pipe_rpc once, so its children do not import it on each spawn.
+
+    Only takes effect if the forkserver has not started yet; the modules it already
+    preloads (``__main__`` by default) are kept.
+    """
+    from multiprocessing import forkserver
+
+    current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    if "pipe_rpc" not in current:
+        with contextlib.suppress(Exception):
+            context.set_forkserver_preload([*current, "pipe_rpc"])
 
 
 def _child_main(
@@ -251,6 +263,8 @@ class Server(Generic[T]):
         self.timeout = check_timeout(timeout)
         self._method: StartMethod = start_method or default_start_method()
         self._context: Any = multiprocessing.get_context(self._method)
+        if self._method == "forkserver":
+            _preload_in_forkserver(self._context)
         self._on_timeout = on_timeout
         self._restart_on_failure = restart == "on-failure"
         self._max_concurrency = max_concurrency
@@ -259,6 +273,8 @@ class Server(Generic[T]):
         self._allowed_types = tuple(allowed_types)
         self._max_reply_bytes = max_reply_bytes
         self._name = name
+        import cloudpickle
+
         try:
             self._factory_blob = cloudpickle.dumps(factory, 5)
         except Exception as exc:

@@ -8,11 +8,9 @@ pool of N threads and each writes its own reply under the write lock.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,7 +18,7 @@ from ._codec import Buffer
 from ._errors import MethodNotFoundError
 from ._messages import Call, Fail, FailKind, Shutdown
 from ._protocol import ServerProtocol
-from ._transport import PeerGone, Transport
+from ._transport import PeerGone, Transport, enlarge_buffers
 
 #: A serial call that ran longer than this flushes replies held for batching.
 _FLUSH_AFTER = 0.001
@@ -47,6 +45,8 @@ class Dispatcher:
                 f"{name!r} is not a public method name (no leading underscore, no dots)"
             )
         kind = type(self.service).__name__
+        import inspect  # here, not at the top: a child imports this module on every spawn
+
         try:
             static = inspect.getattr_static(self.service, name)
         except AttributeError:
@@ -105,12 +105,13 @@ class _Loop:
         self.protocol = ServerProtocol()
         self.dispatcher = Dispatcher(service)
         self.transport = Transport(conn, blocking=True)
+        enlarge_buffers(conn)
         self.write_lock = threading.Lock()
-        self.pool = (
-            ThreadPoolExecutor(max_concurrency, thread_name_prefix="pipe_rpc-call")
-            if max_concurrency > 1
-            else None
-        )
+        self.pool = None
+        if max_concurrency > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="pipe_rpc-call")
 
     def run(self) -> None:
         try:
