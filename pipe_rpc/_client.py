@@ -400,15 +400,15 @@ def _wait_exitcode(process: HasSentinel, grace: float) -> int | None:
 class _Method:
     """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
 
-    __slots__ = ("_invoker", "_name", "_timeout")
+    __slots__ = ("_invoke", "_name", "_timeout")
 
     def __init__(self, invoker: Invoker, name: str, timeout: float | None) -> None:
-        self._invoker = invoker
+        self._invoke = invoker.invoke
         self._name = name
         self._timeout = timeout
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._invoker.invoke(self._name, args, kwargs, self._timeout)
+        return self._invoke(self._name, args, kwargs, self._timeout)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name}>"

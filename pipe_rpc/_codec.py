@@ -8,8 +8,10 @@ and a body that is not even a frame is spotted before anything is unpickled.
 
 Payloads are pickled with protocol 5. The standard pickler is tried first
 (it is several times faster); cloudpickle is used when it fails, or when the
-pickle names ``__main__`` (cloudpickle sends such objects by value, so they
-also work in a child that cannot import the parent's ``__main__``). Buffers
+pickle of at most ``MAIN_SCAN_LIMIT`` bytes names ``__main__`` (cloudpickle
+sends such objects by value, so they also work in a child that cannot import
+the parent's ``__main__``; a larger pickle is not scanned, as the scan would
+cost as much as the copy). Buffers
 that pickle hands out of band (numpy arrays, ``PickleBuffer``) are written
 after the pickle without a copy; the frame tag then has ``OUT_OF_BAND`` set
 and the payload starts with the count and sizes of the buffers.
@@ -88,7 +90,7 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
     callback = None if buffers is None else buffers.append
     try:
         data = pickle.dumps(obj, 5, buffer_callback=callback)
-        if b"__main__" not in data:
+        if not _names_main(data):
             return data
     except (Exception, SystemExit):
         pass
@@ -118,6 +120,14 @@ def _frame(
     return [head, payload]
 
 
+#: Pickles up to this size are scanned for references to ``__main__``.
+MAIN_SCAN_LIMIT = 1 << 14
+
+
+def _names_main(data: bytes) -> bool:
+    return len(data) <= MAIN_SCAN_LIMIT and b"__main__" in data
+
+
 def fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
     """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
     buffers: list[pickle.PickleBuffer] = []
@@ -125,7 +135,7 @@ def fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> l
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
     except (Exception, SystemExit):
         payload = b"__main__"  # take the full path below
-    if b"__main__" in payload:
+    if _names_main(payload):
         payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
     size = len(payload) + 9
     if size < _JOIN_BELOW and not buffers:

@@ -162,12 +162,15 @@ class _Child:
         self.pid = cast(int, process.pid)
         self.exitcode: int | None = None
         self.owner = os.getpid()
+        self._local = threading.local()
 
     def sentinel_fired(self) -> bool:
         """The cheap check for the call path (a client that saw the death is broken anyway)."""
-        # A poll object of its own: one select.poll may not be polled by two threads at once.
-        poll = select.poll()
-        poll.register(self.process.sentinel, select.POLLIN)
+        # A poll object per thread: one select.poll may not be polled by two threads at once.
+        poll: select.poll | None = getattr(self._local, "poll", None)
+        if poll is None:
+            poll = self._local.poll = select.poll()
+            poll.register(self.process.sentinel, select.POLLIN)
         return bool(poll.poll(0))
 
     def has_ended(self) -> bool:

@@ -64,20 +64,26 @@ class FrameReader:
         self._rest = b""  # bytes of an unfinished small frame
         self._big: bytearray | None = None  # body of a large frame being read in place
         self._big_filled = 0
+        self._big_size = 0
+        # A large in-band frame is read into this buffer, kept for the next one: a fresh
+        # bytearray is zeroed page by page, which costs as much as the read itself.
+        # Frames with out-of-band buffers get a fresh one, as the decoded objects keep it.
+        self._spare: bytearray | None = None
 
     def read_target(self) -> memoryview | None:
         """Where to read the next bytes directly, or ``None`` to ``feed()`` what you read."""
         if self._big is None:
             return None
-        return memoryview(self._big)[self._big_filled :]
+        return memoryview(self._big)[self._big_filled : self._big_size]
 
     def filled(self, count: int) -> list[Body]:
         """``count`` bytes were read into ``read_target()``; return the frames now complete."""
         assert self._big is not None
         self._big_filled += count
-        if self._big_filled < len(self._big):
+        if self._big_filled < self._big_size:
             return []
-        body, self._big, self._big_filled = self._big, None, 0
+        body = memoryview(self._big)[: self._big_size]
+        self._big, self._big_filled = None, 0
         return [body]
 
     def feed(self, data: bytes) -> list[Body]:
@@ -110,8 +116,9 @@ class FrameReader:
                 frames.append(memoryview(data)[start : start + size])
                 pos = start + size
                 continue
-            if size >= BIG_FRAME:
-                self._big = bytearray(size)
+            if size >= BIG_FRAME and end > start:
+                self._big = self._buffer_for(size, out_of_band=bool(data[start] & 0x80))
+                self._big_size = size
                 have = end - start
                 self._big[:have] = memoryview(data)[start:end]
                 self._big_filled = have
@@ -120,6 +127,14 @@ class FrameReader:
         if pos < end:
             self._rest = data[pos:]
         return frames
+
+    def _buffer_for(self, size: int, *, out_of_band: bool) -> bytearray:
+        if out_of_band:
+            return bytearray(size)
+        if self._spare is None or len(self._spare) < size:
+            self._spare = None  # let the old one go before making the new one
+            self._spare = bytearray(size)
+        return self._spare
 
     @property
     def idle(self) -> bool:

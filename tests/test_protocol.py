@@ -243,3 +243,35 @@ def test_out_of_band_buffers_round_trip_without_copy() -> None:
     (body,) = FrameReader().feed(frame)
     value = Codec().decode(body).value  # type: ignore[union-attr]
     assert bytes(value) == bytes(data)
+
+
+def test_consecutive_big_frames_each_decode_their_own_bytes() -> None:
+    # In-band big frames share one receive buffer; each must be decoded before the next.
+    codec = Codec()
+    reader = FrameReader()
+    firsts = [bytes([n]) * (BIG_FRAME + 1000) for n in (1, 2, 3)]
+    for payload in firsts:
+        frame = _join(codec.encode_return(1, payload))
+        assert reader.feed(frame[:500]) == []
+        target = reader.read_target()
+        assert target is not None
+        target[: len(frame) - 500] = frame[500:]
+        (body,) = reader.filled(len(frame) - 500)
+        assert codec.decode(body).value == payload  # type: ignore[union-attr]
+
+
+def test_big_out_of_band_frames_get_buffers_of_their_own() -> None:
+    codec = Codec()
+    reader = FrameReader()
+    values = []
+    for n in (7, 9):
+        data = bytearray([n]) * (BIG_FRAME + 10)
+        frame = _join(codec.encode_return(1, pickle.PickleBuffer(data)))
+        assert reader.feed(frame[:100]) == []
+        target = reader.read_target()
+        assert target is not None
+        target[: len(frame) - 100] = frame[100:]
+        (body,) = reader.filled(len(frame) - 100)
+        values.append(codec.decode(body).value)  # type: ignore[union-attr]
+    assert bytes(values[0][:3]) == b"\x07\x07\x07"  # not overwritten by the second frame
+    assert bytes(values[1][:3]) == b"\x09\x09\x09"
