@@ -153,10 +153,38 @@ def _signal_group(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+class _GuardedProcess:
+    """A process handle whose exit status may be asked for from several threads.
+
+    ``Popen.poll`` under ``forkserver`` reads the exit status from the sentinel
+    once; a second thread reading at the same time finds end of file and
+    records 255. One lock around ``exitcode``, ``join`` and ``close`` prevents it.
+    """
+
+    def __init__(self, process: BaseProcess) -> None:
+        self._process = process
+        self._lock = threading.Lock()
+        self.pid = process.pid
+        self.sentinel = process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        with self._lock:
+            return self._process.exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._process.join(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._process.close()
+
+
 class _Child:
     """One child process and the client talking to it."""
 
-    def __init__(self, process: BaseProcess, client: Client[Any]) -> None:
+    def __init__(self, process: _GuardedProcess, client: Client[Any]) -> None:
         self.process = process
         self.client = client
         self.pid = cast(int, process.pid)
@@ -304,19 +332,20 @@ class Server(Generic[T]):
             process.start()
         finally:
             child_end.close()
+        guarded = _GuardedProcess(process)
         max_reply = self._max_reply_bytes
         if max_reply is None and self._untrusted:
             max_reply = DEFAULT_UNTRUSTED_MAX_REPLY
         client: Client[Any] = Client(
             parent_end,
             timeout=self.timeout,
-            process=process,
+            process=guarded,
             untrusted=self._untrusted,
             allowed_types=self._allowed_types,
             max_reply_bytes=max_reply,
         )
         client.death_hint = self._hint
-        child = _Child(process, client)
+        child = _Child(guarded, client)
         self._handle.child = child
         try:
             client.wait_ready()
