@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._messages import StartupFailed
-from ._server import serve
+from ._server import check_max_concurrency, serve
 from ._transport import Transport
 
 T = TypeVar("T")
@@ -506,10 +506,7 @@ def spawn(
         raise ValueError(f"on_timeout must be one of {_ON_TIMEOUT}, got {on_timeout!r}")
     if restart not in _RESTART:
         raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
-    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-        raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
-    if max_concurrency < 1:
-        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+    check_max_concurrency(max_concurrency)
     if limits is not None and not isinstance(limits, Limits):
         raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
     if max_reply_bytes is not None and (

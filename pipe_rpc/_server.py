@@ -93,11 +93,16 @@ def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> Non
         ValueError: ``max_concurrency`` is not a positive integer.
         ProtocolError: the peer broke the wire protocol.
     """
+    check_max_concurrency(max_concurrency)
+    _Loop(service, conn, max_concurrency).run()
+
+
+def check_max_concurrency(max_concurrency: int) -> None:
+    """Raise ``ValueError`` unless ``max_concurrency`` is an int >= 1."""
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
         raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
-    _Loop(service, conn, max_concurrency).run()
 
 
 class _Loop:
