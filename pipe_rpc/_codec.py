@@ -23,6 +23,7 @@ Untrusted peers are decoded by ``_untrusted.restricted_loads`` instead of
 from __future__ import annotations
 
 import builtins
+import linecache
 import os
 import pickle
 import reprlib
@@ -362,11 +363,52 @@ def hello() -> Hello:
     return Hello(PROTOCOL_VERSION, os.getpid())
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def format_traceback(error: BaseException) -> str:
+    """The traceback text of ``error`` and its chain, as ``traceback.format_exception`` lays it out.
+
+    Without the column markers (``~~~^^^``) that Python 3.11+ adds: working them
+    out parses each source line, which made an exception's round trip several
+    times slower than a return. Exception groups keep the full formatter.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        return "".join(traceback.format_exception(error))
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    link = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts: list[str] = []
+    for exc, link in reversed(chain):
+        if exc.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            for frame, lineno in traceback.walk_tb(exc.__traceback__):
+                code = frame.f_code
+                parts.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
+                line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+                if line:
+                    parts.append(f"    {line}\n")
+        parts.extend(traceback.format_exception_only(exc))
+        parts.append(link)
+    return "".join(parts)
+
+
 def _exception_payload(error: BaseException) -> bytes:
     """Everything the caller needs to rebuild ``error``, as plain data."""
     cls = type(error)
     type_name = f"{cls.__module__}.{cls.__qualname__}"
-    tb = "".join(traceback.format_exception(error))
+    tb = format_traceback(error)
     try:
         message = str(error)
     except (Exception, SystemExit):

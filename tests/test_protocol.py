@@ -5,13 +5,14 @@ from __future__ import annotations
 import pickle
 import struct
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import Buffer, Codec
+from pipe_rpc._codec import Buffer, Codec, format_traceback
 from pipe_rpc._messages import Call, Fail, Hello, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
@@ -275,3 +276,19 @@ def test_big_out_of_band_frames_get_buffers_of_their_own() -> None:
         values.append(codec.decode(body).value)  # type: ignore[union-attr]
     assert bytes(values[0][:3]) == b"\x07\x07\x07"  # not overwritten by the second frame
     assert bytes(values[1][:3]) == b"\x09\x09\x09"
+
+
+def _chained() -> None:
+    try:
+        Service().boom()
+    except KeyError as exc:
+        raise RuntimeError("outer", [1, 2][5 - 5]) from exc
+
+
+def test_traceback_text_is_the_standard_layout_without_column_markers() -> None:
+    with pytest.raises(RuntimeError) as info:
+        _chained()
+    standard = "".join(traceback.format_exception(info.value)).splitlines()
+    expected = [line for line in standard if not line.strip() or set(line.strip()) - set("~^")]
+    assert format_traceback(info.value).splitlines() == expected
+    assert "in _chained" in format_traceback(info.value)
