@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -254,3 +255,31 @@ def test_threads_share_a_restarting_proxy() -> None:
         for t in threads:
             t.join(30)
     assert errors == []
+
+
+def _closure_factory(base: int) -> Callable[[], Offset]:
+    def factory() -> Offset:
+        return Offset(base)
+
+    return factory
+
+
+class Offset:
+    def __init__(self, base: int = 0) -> None:
+        self.base = base
+
+    def add(self, a: int, b: int) -> int:
+        return a + b + self.base
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_kind_of_factory_works_under_every_start_method(method: str) -> None:
+    factories: list[tuple[Callable[[], Offset], int]] = [
+        (Offset, 0),
+        (functools.partial(Offset, 1), 1),
+        (lambda: Offset(2), 2),
+        (_closure_factory(3), 3),
+    ]
+    for factory, base in factories:
+        with pipe_rpc.spawn(factory, start_method=method) as calc:  # type: ignore[arg-type]
+            assert calc.add(1, 2) == 3 + base
