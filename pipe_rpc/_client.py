@@ -223,23 +223,7 @@ class Client(Generic[T]):
             self._break(ConnectionLostError("a call timed out half-way through its request"))
         finally:
             self._write_lock.release()
-        abandoned = False
-        if self._read_lock.acquire(False):  # the common case: nobody else is reading
-            try:
-                while not slot.done:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        abandoned = self._protocol.abandon(call_id)
-                        if abandoned:
-                            break
-                        left = 0.01  # its outcome is being handed over right now
-                    self._read_once(left)
-            finally:
-                self._read_lock.release()
-                if self._protocol.pending:
-                    self._wake_one()
-        if not slot.done and not abandoned:
-            self._wait(slot, call_id, deadline)
+        self._wait(slot, call_id, deadline)
         if slot.ok:
             return slot.value
         if not slot.done:
@@ -249,14 +233,14 @@ class Client(Generic[T]):
     def _wait(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
         """Return when the slot is done, or its deadline passed and the call was abandoned."""
         while not slot.done:
-            if self._read_lock.acquire(False):
+            if self._read_lock.acquire(False):  # nobody else is reading: read for everyone
                 try:
-                    self._read_until(slot, deadline)
-                    if not slot.done and self._protocol.abandon(call_id):
+                    if self._read_for(slot, call_id, deadline):
                         return
                 finally:
                     self._read_lock.release()
-                    self._wake_one()
+                    if self._protocol.pending:
+                        self._wake_one()
                 continue
             if slot.waiter is None:
                 # Publish before trying the read lock again: a reader that lets go
@@ -270,12 +254,16 @@ class Client(Generic[T]):
                 left = 0.01  # its reply is being handed over right now
             slot.waiter.acquire(True, -1 if left is None else left)
 
-    def _read_until(self, slot: _Slot, deadline: float | None) -> None:
+    def _read_for(self, slot: _Slot, call_id: int, deadline: float | None) -> bool:
+        """As the reader, read until ``slot`` is done; True if its deadline passed (abandoned)."""
         while not slot.done:
-            left = remaining(deadline)
-            if left == 0.0:
-                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if self._protocol.abandon(call_id):
+                    return True
+                left = 0.01  # its outcome is being handed over right now
             self._read_once(left)
+        return False
 
     def _read_once(self, timeout: float | None) -> None:
         """Read and hand out what comes within ``timeout``; a dead connection breaks the client."""
