@@ -74,6 +74,13 @@ class CalcService:
         time.sleep(seconds)
         return value
 
+    def rendezvous(self) -> bool:
+        """Return once four calls are in here at the same time (BrokenBarrierError if not)."""
+        # Made on first use (the service must stay picklable); setdefault is atomic.
+        barrier = self.__dict__.setdefault("_barrier", threading.Barrier(4, timeout=10))
+        barrier.wait()
+        return True
+
     def pid(self) -> int:
         return os.getpid()
 
