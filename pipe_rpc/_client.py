@@ -268,7 +268,7 @@ class Client(Generic[T]):
     def _read_once(self, timeout: float | None) -> None:
         """Read and hand out what comes within ``timeout``; a dead connection breaks the client."""
         try:
-            for body in self._transport.read(timeout):
+            for body in self._transport.read(timeout, len(self._protocol.pending) < 2):
                 got = self._protocol.receive(body)
                 if got is not None:
                     self._deliver(*got)

@@ -98,7 +98,7 @@ def _child_main(
         factory = pickle.loads(factory_blob)
         service = factory()
     except BaseException as exc:
-        transport = Transport(conn, blocking=True)
+        transport = Transport(conn)
         with contextlib.suppress(OSError, Exception):
             transport.write(Codec().encode(StartupFailed(exc)))
         conn.close()

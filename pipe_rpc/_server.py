@@ -109,7 +109,7 @@ class _Loop:
     def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
         self.protocol = ServerProtocol()
         self.dispatcher = Dispatcher(service)
-        self.transport = Transport(conn, blocking=True)
+        self.transport = Transport(conn)
         enlarge_buffers(conn)
         self.write_lock = threading.Lock()
         self.pool = None

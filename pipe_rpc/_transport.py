@@ -4,8 +4,18 @@ The descriptor of a duplex ``multiprocessing.Pipe`` is one end of a socket
 pair. It is read and written here directly (``os.read``/``os.readv``/
 ``os.writev``), framed exactly as ``Connection.send_bytes`` frames, so that
 several replies can be taken in one read and large frames are read in place.
-The client side is non-blocking: every wait is a ``poll`` that also watches
+The descriptor is non-blocking: every wait is a ``poll`` that also watches
 the peer process's sentinel and never outlives the caller's deadline.
+
+Before it sleeps in ``poll``, a reader *spins* for up to ``SPIN_SECONDS``,
+trying non-blocking reads: when the peer answers within microseconds, as a
+small call's reply or a tight loop's next call does, this saves the cost of
+putting the process to sleep and waking it again, which is most of a small
+call's round trip. The spin is adaptive: it is tried only when the previous
+answer came within the window, so an end waiting on slow calls or an idle
+peer sleeps at once. It is off when the process may run on only one CPU (the
+spinner would hold the CPU the peer needs) or when the ``PIPE_RPC_SPIN_US``
+environment variable is ``0``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,23 @@ _READ_SIZE = 1 << 16
 _IN = select.POLLIN | select.POLLPRI
 _BAD = select.POLLERR | select.POLLNVAL
 _SOCKET_BUFFER = 1 << 22
+
+
+def _spin_seconds() -> float:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return 0.0
+    try:
+        return max(0.0, float(os.environ.get("PIPE_RPC_SPIN_US", "100")) / 1e6)
+    except ValueError:
+        return 100e-6
+
+
+#: How long a reader tries non-blocking reads before it sleeps in ``poll`` (0: never).
+SPIN_SECONDS = _spin_seconds()
 
 
 class PeerGone(Exception):
@@ -76,7 +103,7 @@ class Transport:
         conn: one end of a duplex ``multiprocessing.Pipe``.
         sentinel: a descriptor that becomes readable when the peer process ends.
         max_frame: refuse frames longer than this (``ProtocolError``).
-        blocking: keep the descriptor blocking (the server's single reader).
+        spin: seconds to spin before sleeping when the peer answered quickly last time.
     """
 
     def __init__(
@@ -85,14 +112,16 @@ class Transport:
         *,
         sentinel: int | None = None,
         max_frame: int | None = None,
-        blocking: bool = False,
+        spin: float = SPIN_SECONDS,
     ) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         self.reader = FrameReader(max_frame)
         self.sentinel = sentinel
-        self.blocking = blocking
-        os.set_blocking(self.fd, blocking)
+        self._spin_ns = int(spin * 1e9)
+        self._spin_next = False  # did the last answer come within the spin window?
+        self._sent_ns = 0  # when the last frame was written
+        os.set_blocking(self.fd, False)
         self._poll = select.poll()
         self._poll.register(self.fd, _IN)
         if sentinel is not None:
@@ -106,6 +135,7 @@ class Transport:
             WriteTimeout: the deadline passed after part of a frame was written.
         """
         fd = self.fd
+        self._sent_ns = time.perf_counter_ns()
         if len(segments) == 1:
             data = segments[0]
             try:
@@ -152,7 +182,7 @@ class Transport:
             if fd == self.sentinel:
                 raise PeerGone("peer process ended")
 
-    def read(self, timeout: float | None) -> list[Body]:
+    def read(self, timeout: float | None, spin: bool = True) -> list[Body]:
         """Wait up to ``timeout`` seconds (``None``: no bound) and return the frames that came.
 
         An empty list means the time ran out or only part of a frame came.
@@ -161,11 +191,18 @@ class Transport:
             PeerGone: end of file, a reset, or the peer's sentinel fired with nothing left to read.
             ProtocolError: the stream broke the framing.
         """
+        if spin and self._spin_next:
+            frames = self._spin(timeout)
+            if frames:
+                return frames
         events = self._poll.poll(None if timeout is None else timeout * 1000)
         if not events:
             return []
         if len(events) == 1 and events[0] == (self.fd, select.POLLIN):  # the common case
-            return self.read_available()
+            frames = self.read_available()
+            if self._spin_ns:
+                self._spin_next = time.perf_counter_ns() - self._sent_ns < self._spin_ns
+            return frames
         readable = False
         for fd, mask in events:
             if fd == self.fd:
@@ -179,6 +216,20 @@ class Transport:
                 return frames
             raise PeerGone("peer process ended")
         return self.read_available()
+
+    def _spin(self, timeout: float | None) -> list[Body]:
+        """Try non-blocking reads for up to the spin window (and ``timeout``)."""
+        clock = time.perf_counter_ns
+        spin = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
+        end = clock() + spin
+        read = self.read_available
+        while True:
+            frames = read()
+            if frames:
+                return frames
+            if clock() >= end:
+                self._spin_next = False
+                return frames
 
     def read_available(self) -> list[Body]:
         """Read what is there without waiting; raise PeerGone at end of file."""
@@ -202,8 +253,6 @@ class Transport:
         else:
             frames = []
         while True:
-            if frames and self.blocking:
-                return frames
             target = reader.read_target()
             try:
                 if target is not None:
@@ -228,8 +277,8 @@ class Transport:
                 return frames
 
     def read_blocking(self) -> list[Body]:
-        """Block until at least one whole frame has come (a blocking descriptor)."""
+        """Wait with no deadline until at least one whole frame has come."""
         while True:
-            frames = self.read_available()
+            frames = self.read(None)
             if frames:
                 return frames
