@@ -1,12 +1,17 @@
 """The client: ``Client[T]``, typed proxies and ``options()``.
 
 Threads share one client. A call registers its slot, writes its frame under
-the write lock, then waits for its reply. Whoever waits first becomes the
-*reader* (it holds the read lock and polls the pipe); the reader hands each
-reply it reads to the call it belongs to and wakes that call's thread. When the
-reader's own reply has come it lets go and wakes one sleeping caller, which
-becomes the next reader. A caller alone on a client therefore reads its own
-reply with no thread switch, and many callers take many replies per wake-up.
+the write lock, then waits for its reply.
+
+A caller alone on a client reads its own reply: it takes the read lock and
+polls the pipe, with no other thread involved. When a second thread calls
+while the first is reading, the client starts a *reader thread*: from then on
+callers sleep on a lock of their own, and the reader takes every reply that
+has come in one read, matches each to its call, and wakes the owners just
+before it sleeps again (so a woken caller finds the interpreter free). Each
+call then costs one thread switch, and a burst of replies costs one wake-up
+of the reader. The reader thread ends once no call has been pending for
+``_READER_LINGER`` seconds, and the next lone caller reads for itself again.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ T = TypeVar("T")
 
 #: How long a lost connection waits for the peer process's exit code.
 _EXIT_GRACE = 2.0
+#: How long the reader thread stays once no call is pending.
+_READER_LINGER = 0.05
 
 
 class _Default:
@@ -133,6 +140,8 @@ class Client(Generic[T]):
         self._transport = Transport(conn, sentinel=sentinel, max_frame=max_reply_bytes)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # guards starting and ending the reader thread
+        self._reader: threading.Thread | None = None
         self._local = threading.local()
         self._closed = False
         self._broken: PipeRPCError | None = None
@@ -169,6 +178,9 @@ class Client(Generic[T]):
         finally:
             if got_reader:
                 self._read_lock.release()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(1.0)
 
     @property
     def closed(self) -> bool:
@@ -232,21 +244,18 @@ class Client(Generic[T]):
 
     def _wait(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
         """Return when the slot is done, or its deadline passed and the call was abandoned."""
+        if self._reader is None and self._read_lock.acquire(False):  # alone: read for ourselves
+            try:
+                self._read_for(slot, call_id, deadline)
+            finally:
+                self._read_lock.release()
+            return
+        # Publish before looking for a reader: a reader that reads after this line wakes us,
+        # and so does one that ends after it.
+        slot.waiter = self._thread_waiter()
         while not slot.done:
-            if self._read_lock.acquire(False):  # nobody else is reading: read for everyone
-                try:
-                    if self._read_for(slot, call_id, deadline):
-                        return
-                finally:
-                    self._read_lock.release()
-                    if self._protocol.pending:
-                        self._wake_one()
-                continue
-            if slot.waiter is None:
-                # Publish before trying the read lock again: a reader that lets go
-                # after this line will see us and wake us.
-                slot.waiter = self._thread_waiter()
-                continue
+            if self._reader is None:
+                self._start_reader()
             left = remaining(deadline)
             if left == 0.0:
                 if self._protocol.abandon(call_id):
@@ -254,24 +263,68 @@ class Client(Generic[T]):
                 left = 0.01  # its reply is being handed over right now
             slot.waiter.acquire(True, -1 if left is None else left)
 
-    def _read_for(self, slot: _Slot, call_id: int, deadline: float | None) -> bool:
-        """As the reader, read until ``slot`` is done; True if its deadline passed (abandoned)."""
+    def _read_for(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
+        """As the lone reader, read until ``slot`` is done or its deadline passed (abandoned)."""
         while not slot.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 if self._protocol.abandon(call_id):
-                    return True
+                    return
                 left = 0.01  # its outcome is being handed over right now
-            self._read_once(left)
-        return False
+            self._read_once(left, len(self._protocol.pending) < 2)
 
-    def _read_once(self, timeout: float | None) -> None:
-        """Read and hand out what comes within ``timeout``; a dead connection breaks the client."""
+    def _start_reader(self) -> None:
+        """Make sure the reader thread runs (callers sleep; it reads for all)."""
+        with self._state_lock:
+            if self._reader is not None:
+                return
+            self._reader = threading.Thread(
+                target=self._reader_main, name="pipe_rpc-reader", daemon=True
+            )
+            self._reader.start()
+
+    def _reader_main(self) -> None:
+        """The reader thread: read and hand out replies until none is pending for a while."""
+        pending = self._protocol.pending
         try:
-            for body in self._transport.read(timeout, len(self._protocol.pending) < 2):
+            with self._read_lock:  # a lone caller still reading finishes first
+                idle_since = time.monotonic()
+                while self._broken is None:
+                    if pending:
+                        self._read_once(_READER_LINGER, False)
+                        idle_since = time.monotonic()
+                        continue
+                    left = idle_since + _READER_LINGER - time.monotonic()
+                    if left > 0:
+                        self._read_once(left, False)
+                        continue
+                    with self._state_lock:
+                        if not pending:
+                            self._reader = None
+                            return
+        except BaseException as exc:  # a bug here must not leave callers waiting for ever
+            self._break(ConnectionLostError(f"the client's reader thread failed: {exc!r}"))
+        finally:
+            with self._state_lock:
+                if self._reader is threading.current_thread():
+                    self._reader = None
+            # A call may have come while this thread decided to end: wake it to read.
+            self._wake_all()
+
+    def _read_once(self, timeout: float | None, spin: bool = False) -> None:
+        """Read and hand out what comes within ``timeout``; a dead connection breaks the client.
+
+        Owners are woken after the whole read is handed out.
+        """
+        woken: list[Any] = []
+        try:
+            for body in self._transport.read(timeout, spin):
                 got = self._protocol.receive(body)
                 if got is not None:
-                    self._deliver(*got)
+                    slot = got[0]
+                    slot.ok, slot.value, slot.done = got[1], got[2], True
+                    if slot.waiter is not None:
+                        woken.append(slot.waiter)
         except PeerGone as exc:
             self._break(self._lost(str(exc)))
         except StartupFailedSignal as signal:
@@ -286,6 +339,9 @@ class Client(Generic[T]):
             self._break(exc)
         except OSError as exc:
             self._break(self._closed_error() if self._closed else self._lost(repr(exc)))
+        finally:
+            for waiter in woken:
+                _signal(waiter)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
@@ -307,12 +363,11 @@ class Client(Generic[T]):
         if waiter is not None:
             _signal(waiter)
 
-    def _wake_one(self) -> None:
+    def _wake_all(self) -> None:
         for slot in list(self._protocol.pending.values()):
             waiter = slot.waiter
             if waiter is not None and not slot.done:
                 _signal(waiter)
-                return
 
     def _thread_waiter(self) -> Any:
         try:

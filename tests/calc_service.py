@@ -74,6 +74,17 @@ class CalcService:
         time.sleep(seconds)
         return value
 
+    def wait_for_path(self, path: str, timeout: float) -> bool:
+        """Create ``path.started``; True once ``path`` exists, False after ``timeout`` s."""
+        with open(f"{path}.started", "w"):
+            pass
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def rendezvous(self) -> bool:
         """Return once four calls are in here at the same time (BrokenBarrierError if not)."""
         # Made on first use (the service must stay picklable); setdefault is atomic.

@@ -6,7 +6,9 @@ import functools
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +175,96 @@ def test_many_threads_share_one_proxy_and_get_their_own_replies(
         t.join(60)
     assert not errors
     assert not any(t.is_alive() for t in threads)
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pipe_rpc-reader"]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_threads_are_answered_while_another_waits_on_a_slow_call(tmp_path: Path) -> None:
+    """The first caller reads for itself; later callers must not wait for its reply."""
+    flag = tmp_path / "go"
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2) as calc:
+        slow_result: list[bool] = []
+        slow = threading.Thread(
+            target=lambda: slow_result.append(calc.wait_for_path(str(flag), 30))
+        )
+        slow.start()
+        errors: list[BaseException] = []
+
+        def fast(n: int) -> None:
+            try:
+                for i in range(100):
+                    assert calc.add(n, i) == n + i
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fast, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        assert not any(t.is_alive() for t in threads)
+        assert slow.is_alive()  # its call is still blocked on the flag
+        assert not slow_result
+        flag.touch()
+        slow.join(30)
+        assert slow_result == [True]
+        # Once nothing is pending the reader thread ends, and a lone caller reads again.
+        assert _wait_until(lambda: not _reader_threads(), 10), "the reader thread stayed"
+        assert calc.add(1, 2) == 3
+        assert not _reader_threads()
+
+
+def test_a_call_still_waiting_when_the_first_caller_leaves_gets_its_reply(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2) as calc:
+        results: dict[str, bool] = {}
+
+        def call(name: str, path: Path) -> None:
+            results[name] = calc.wait_for_path(str(path), 30)
+
+        reading = threading.Thread(target=call, args=("first", first))
+        reading.start()  # alone, so it reads for itself
+        assert _wait_until(Path(f"{first}.started").exists, 30)
+        waiting = threading.Thread(target=call, args=("second", second))
+        waiting.start()  # finds a reader and sleeps
+        assert _wait_until(Path(f"{second}.started").exists, 30)
+        first.touch()
+        reading.join(30)
+        assert results == {"first": True}
+        second.touch()  # its reply comes after the reader it relied on has left
+        waiting.join(30)
+        assert results == {"first": True, "second": True}
+
+
+def test_reader_thread_ends_with_close() -> None:
+    calc = pipe_rpc.spawn(CalcService, start_method="fork")
+    flag_free = threading.Event()
+
+    def worker() -> None:
+        flag_free.wait(10)
+        for i in range(50):
+            calc.proxy.add(i, i)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    flag_free.set()
+    for t in threads:
+        t.join(30)
+    calc.close()
+    assert not _reader_threads()
 
 
 @pytest.mark.timeout(60)
