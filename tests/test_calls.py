@@ -177,6 +177,27 @@ def test_many_threads_share_one_proxy_and_get_their_own_replies(
     assert not any(t.is_alive() for t in threads)
 
 
+def _add_from_threads(calc: CalcService, *, threads: int, calls: int) -> list[BaseException]:
+    """Run ``calls`` checked add() calls in each of ``threads`` threads; return what they raised."""
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(calls):
+                assert calc.add(n, i) == n + i
+        except BaseException as exc:
+            errors.append(exc)
+
+    running = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join(30)
+    if any(t.is_alive() for t in running):
+        errors.append(AssertionError("a thread was still calling after 30 s"))
+    return errors
+
+
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "pipe_rpc-reader"]
 
@@ -199,22 +220,7 @@ def test_threads_are_answered_while_another_waits_on_a_slow_call(tmp_path: Path)
             target=lambda: slow_result.append(calc.wait_for_path(str(flag), 30))
         )
         slow.start()
-        errors: list[BaseException] = []
-
-        def fast(n: int) -> None:
-            try:
-                for i in range(100):
-                    assert calc.add(n, i) == n + i
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=fast, args=(n,)) for n in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not errors
-        assert not any(t.is_alive() for t in threads)
+        assert _add_from_threads(calc, threads=3, calls=100) == []
         assert slow.is_alive()  # its call is still blocked on the flag
         assert not slow_result
         flag.touch()
@@ -337,22 +343,8 @@ def _failing_factory() -> CalcService:
 
 def test_threads_share_a_restarting_proxy() -> None:
     # restart="on-failure" checks the child's sentinel before each call, from every thread.
-    errors: list[BaseException] = []
     with pipe_rpc.spawn(CalcService, start_method="fork", restart="on-failure") as calc:
-
-        def worker(n: int) -> None:
-            try:
-                for i in range(300):
-                    assert calc.add(n, i) == n + i
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    assert errors == []
+        assert _add_from_threads(calc, threads=4, calls=300) == []
 
 
 def _closure_factory(base: int) -> Callable[[], Offset]:
