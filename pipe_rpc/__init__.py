@@ -1,5 +1,7 @@
 """pipe_rpc: typed request-reply RPC to a child process over a multiprocessing Pipe."""
 
+import typing as _typing
+
 from ._client import Client, options
 from ._errors import (
     CallTimeoutError,
@@ -14,9 +16,11 @@ from ._errors import (
     StartupError,
     WorkerDiedError,
 )
-from ._limits import Limits
 from ._process import Server, spawn
 from ._server import serve
+
+if _typing.TYPE_CHECKING:
+    from ._limits import Limits
 
 __all__ = [
     "CallTimeoutError",
@@ -37,3 +41,17 @@ __all__ = [
     "serve",
     "spawn",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Limits is an attrs class, and attrs takes tens of milliseconds to import: a
+    # child imports this package on every start, and only needs it when given limits.
+    if name == "Limits":
+        from ._limits import Limits
+
+        return Limits
+    raise AttributeError(f"module 'pipe_rpc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

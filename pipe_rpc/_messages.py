@@ -1,4 +1,4 @@
-"""The messages that cross the pipe, as frozen records.
+"""The messages that cross the pipe, as plain records.
 
 Every frame on the wire is ``length | tag | call id | payload`` (see ``_codec``);
 these records are what the two ends see once a frame is decoded. They carry no
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import enum
 from typing import Any
-
-import attrs
 
 #: Bumped whenever the frame layout or a payload shape changes.
 PROTOCOL_VERSION = 1
@@ -38,34 +36,66 @@ class FailKind(enum.IntEnum):
     SERIALIZATION = 2
 
 
-@attrs.frozen
-class Hello:
+class _Record:
+    """A small immutable-by-convention record: equality, hash and repr from its fields.
+
+    Plain classes rather than attrs: the child imports this module on every
+    start, and building attrs classes costs milliseconds there.
+    """
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Hello(_Record):
     """The first message each end sends: who speaks, and which protocol version."""
 
-    version: int
-    pid: int
+    __slots__ = ("version", "pid")  # noqa: RUF023 (the order of the fields)
+
+    def __init__(self, version: int, pid: int) -> None:
+        self.version = version
+        self.pid = pid
 
 
-@attrs.frozen
-class Call:
+class Call(_Record):
     """Run ``method(*args, **kwargs)`` on the service and reply with ``call_id``."""
 
-    call_id: int
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    __slots__ = ("call_id", "method", "args", "kwargs")  # noqa: RUF023
+
+    def __init__(
+        self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
 
 
-@attrs.frozen
-class Return:
+class Return(_Record):
     """The method returned ``value``."""
 
-    call_id: int
-    value: Any
+    __slots__ = ("call_id", "value")
+
+    def __init__(self, call_id: int, value: Any) -> None:
+        self.call_id = call_id
+        self.value = value
 
 
-@attrs.frozen
-class Raise:
+class Raise(_Record):
     """The method raised ``error``.
 
     In the server this is the live exception; in the client it is the rebuilt
@@ -73,29 +103,37 @@ class Raise:
     could not be rebuilt).
     """
 
-    call_id: int
-    error: BaseException
+    __slots__ = ("call_id", "error")
+
+    def __init__(self, call_id: int, error: BaseException) -> None:
+        self.call_id = call_id
+        self.error = error
 
 
-@attrs.frozen
-class Fail:
+class Fail(_Record):
     """The server could not run the call or send its result; nothing of the service's raised."""
 
-    call_id: int
-    kind: FailKind
-    message: str
+    __slots__ = ("call_id", "kind", "message")
+
+    def __init__(self, call_id: int, kind: FailKind, message: str) -> None:
+        self.call_id = call_id
+        self.kind = kind
+        self.message = message
 
 
-@attrs.frozen
-class StartupFailed:
+class StartupFailed(_Record):
     """The child could not build the service; ``error`` is what the factory raised."""
 
-    error: BaseException
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
-@attrs.frozen
-class Shutdown:
+class Shutdown(_Record):
     """The client asks the server loop to stop."""
+
+    __slots__ = ()
 
 
 Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 from ._client import DEFAULT, Client, Proxy, check_timeout, fresh_error
 from ._codec import Codec
@@ -37,10 +37,12 @@ from ._errors import (
     StartupError,
     describe_exitcode,
 )
-from ._limits import Limits
 from ._messages import StartupFailed
 from ._server import check_max_concurrency, serve
 from ._transport import Transport
+
+if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
+    from ._limits import Limits
 
 T = TypeVar("T")
 
@@ -507,6 +509,8 @@ def spawn(
     if restart not in _RESTART:
         raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
     check_max_concurrency(max_concurrency)
+    from ._limits import Limits
+
     if limits is not None and not isinstance(limits, Limits):
         raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
     if max_reply_bytes is not None and (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -91,6 +92,9 @@ class CalcService:
         barrier = self.__dict__.setdefault("_barrier", threading.Barrier(4, timeout=10))
         barrier.wait()
         return True
+
+    def imported(self, module: str) -> bool:
+        return module in sys.modules
 
     def pid(self) -> int:
         return os.getpid()

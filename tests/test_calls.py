@@ -329,6 +329,17 @@ def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
     assert results == [True] * 4
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_fresh_child_imports_no_more_than_it_needs(method: str) -> None:
+    """attrs and cloudpickle cost tens of milliseconds of every start; the child loads them
+    only when it is given limits or a by-value payload."""
+    with pipe_rpc.spawn(CalcService, start_method=method) as calc:
+        assert not calc.imported("attrs")
+        assert not calc.imported("cloudpickle")
+    with pipe_rpc.spawn(CalcService, start_method=method, limits=pipe_rpc.Limits()) as calc:
+        assert calc.imported("attrs")
+
+
 def test_startup_error_carries_factory_traceback() -> None:
     with pytest.raises(pipe_rpc.StartupError) as info:
         pipe_rpc.spawn(_failing_factory, start_method="fork")
