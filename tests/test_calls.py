@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -330,7 +331,7 @@ def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_a_fresh_child_imports_no_more_than_it_needs(method: str) -> None:
+def test_a_fresh_child_imports_only_what_it_needs(method: Literal["forkserver", "spawn"]) -> None:
     """attrs and cloudpickle cost tens of milliseconds of every start; the child loads them
     only when it is given limits or a by-value payload."""
     with pipe_rpc.spawn(CalcService, start_method=method) as calc:
