@@ -45,12 +45,7 @@ class Dispatcher:
                 f"{name!r} is not a public method name (no leading underscore, no dots)"
             )
         kind = type(self.service).__name__
-        import inspect  # here, not at the top: a child imports this module on every spawn
-
-        try:
-            static = inspect.getattr_static(self.service, name)
-        except AttributeError:
-            static = None
+        static = _static_attribute(self.service, name)
         if isinstance(static, property | staticmethod | classmethod) and not callable(
             getattr(static, "__func__", None)
         ):
@@ -79,6 +74,27 @@ class Dispatcher:
             if tb is not None and tb.tb_next is not None:
                 exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
             return False, exc
+
+
+def _static_attribute(obj: object, name: str) -> object:
+    """``obj.name`` as stored, without running a descriptor (``None`` if not found).
+
+    The instance's ``__dict__`` first, then the classes of its MRO, as attribute
+    look-up goes for anything that is not a data descriptor. A cheap stand-in for
+    ``inspect.getattr_static``: importing ``inspect`` would cost a child's first
+    call more than 10 ms.
+    """
+    try:
+        instance_dict = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        instance_dict = {}
+    for klass in type(obj).__mro__:
+        if name in klass.__dict__:
+            found = klass.__dict__[name]
+            if isinstance(found, property) or name not in instance_dict:
+                return found
+            break
+    return instance_dict.get(name)
 
 
 def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> None:

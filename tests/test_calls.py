@@ -332,11 +332,12 @@ def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_fresh_child_imports_only_what_it_needs(method: Literal["forkserver", "spawn"]) -> None:
-    """attrs and cloudpickle cost tens of milliseconds of every start; the child loads them
-    only when it is given limits or a by-value payload."""
+    """attrs, cloudpickle and inspect cost milliseconds of every start; the child loads
+    the first two only when given limits or a by-value payload, and never the third."""
     with pipe_rpc.spawn(CalcService, start_method=method) as calc:
         assert not calc.imported("attrs")
         assert not calc.imported("cloudpickle")
+        assert not calc.imported("inspect")
     with pipe_rpc.spawn(CalcService, start_method=method, limits=pipe_rpc.Limits()) as calc:
         assert calc.imported("attrs")
 
