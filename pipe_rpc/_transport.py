@@ -65,15 +65,17 @@ class WriteTimeout(Exception):
 def enlarge_buffers(conn: Connection) -> None:
     """Ask for larger socket buffers (fewer wake-ups for big payloads); harmless if refused."""
     try:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
     except OSError:
         return
-    with sock:
+    try:
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
             except OSError:
                 pass
+    finally:
+        sock.detach()
 
 
 def shutdown(conn: Connection) -> None:
