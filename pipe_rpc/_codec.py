@@ -126,7 +126,8 @@ MAIN_SCAN_LIMIT = 1 << 14
 
 
 def _names_main(data: bytes) -> bool:
-    return len(data) <= MAIN_SCAN_LIMIT and b"__main__" in data
+    # find() rather than `in`: bytes.__contains__ first tries the needle as an int.
+    return len(data) <= MAIN_SCAN_LIMIT and data.find(b"__main__") >= 0
 
 
 def fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:

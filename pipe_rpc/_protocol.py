@@ -31,6 +31,7 @@ copied chunk by chunk.
 from __future__ import annotations
 
 import itertools
+import pickle
 import struct
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -147,6 +148,7 @@ class ClientProtocol(Generic[S]):
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
+        self._trusted = not codec.untrusted
         self.pending: dict[int, S] = {}
         self.peer: Hello | None = None
         self.late_replies = 0
@@ -184,7 +186,15 @@ class ClientProtocol(Generic[S]):
             tag, call_id = _BODY.unpack_from(body)
             if tag == RETURN:  # the hot path: a plain return value
                 try:
-                    value = self.codec.loads(call_id, memoryview(body)[9:], "result")
+                    if self._trusted:
+                        try:
+                            value = pickle.loads(memoryview(body)[9:])
+                        except (Exception, SystemExit) as exc:
+                            raise UndecodablePayload(
+                                call_id, f"result could not be unpickled: {exc!r}"
+                            ) from exc
+                    else:
+                        value = self.codec.loads(call_id, memoryview(body)[9:], "result")
                 except UndecodablePayload as exc:
                     slot = self._take(call_id)
                     return None if slot is None else (slot, False, SerializationError(exc.message))
