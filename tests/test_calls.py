@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -386,3 +388,49 @@ def test_every_kind_of_factory_works_under_every_start_method(method: str) -> No
     for factory, base in factories:
         with pipe_rpc.spawn(factory, start_method=method) as calc:  # type: ignore[arg-type]
             assert calc.add(1, 2) == 3 + base
+
+
+def _spin_seconds_in_child(env: dict[str, str], one_cpu: bool = False) -> float:
+    """SPIN_SECONDS as a fresh interpreter computes it with ``env`` (on one CPU if asked)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import pipe_rpc._transport as t; print(t.SPIN_SECONDS)"],
+        env={**os.environ, **env},
+        preexec_fn=(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+        if one_cpu
+        else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return float(out.stdout)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to spin at all")
+def test_spin_window_follows_the_environment_and_the_cpus() -> None:
+    assert _spin_seconds_in_child({"PIPE_RPC_SPIN_US": "100"}) == pytest.approx(100e-6)
+    assert _spin_seconds_in_child({"PIPE_RPC_SPIN_US": "0"}) == 0.0
+    assert _spin_seconds_in_child({"PIPE_RPC_SPIN_US": "not a number"}) == pytest.approx(100e-6)
+    assert _spin_seconds_in_child({"PIPE_RPC_SPIN_US": "100"}, one_cpu=True) == 0.0
+
+
+def test_calls_work_with_spinning_off() -> None:
+    script = (
+        "import pipe_rpc, pipe_rpc._transport as t\n"
+        "from tests.calc_service import CalcService\n"
+        "assert t.SPIN_SECONDS == 0.0\n"
+        "with pipe_rpc.spawn(CalcService, start_method='spawn') as calc:\n"
+        "    assert [calc.add(i, 1) for i in range(100)] == list(range(1, 101))\n"
+        "    child_spin = calc.apply(lambda _: int(t.SPIN_SECONDS * 1e6), 0)\n"
+        "    assert child_spin == 0, child_spin\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PIPE_RPC_SPIN_US": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.stdout.strip() == "ok", out.stderr
