@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,12 +161,27 @@ class Errors:
             return "error: " + self.by_name[slot.name]
         return None
 
+    def working(self, slots: Iterable[Slot]) -> Iterator[Slot]:
+        """The slots still in the figure, each checked when its turn comes."""
+        for slot in slots:
+            if self.ok(slot):
+                yield slot
 
-def status_row(slot: Slot, errors: Errors, width: int) -> list[str] | None:
-    text = errors.cell(slot)
-    if text is None:
-        return None
-    return [slot.name, text] + [""] * (width - 2)
+    def status_row(self, slot: Slot, section: Section) -> list[str] | None:
+        """The row to print instead of numbers, or None when there are numbers."""
+        text = self.cell(slot)
+        if text is None:
+            return None
+        return [slot.name, text] + [""] * (len(section.columns) - 2)
+
+    def with_numbers(self, slots: Iterable[Slot], section: Section) -> Iterator[Slot]:
+        """Give each slot without numbers its status row in ``section``; yield the others."""
+        for slot in slots:
+            row = self.status_row(slot, section)
+            if row is None:
+                yield slot
+            else:
+                section.rows.append(row)
 
 
 def sys_of(slot: Slot) -> System:

@@ -26,7 +26,6 @@ from benchmarks.common import (
     ratio,
     read_rss_kib,
     say,
-    status_row,
     sys_of,
 )
 from benchmarks.systems import BASELINE, System
@@ -48,9 +47,7 @@ def fig_startup(slots: list[Slot], s: Settings) -> Section:
     for r in range(s.start_rounds + 1):
         say(f"  startup round {r}/{s.start_rounds}" + (" (warm-up)" if r == 0 else ""))
         for method in methods:
-            for slot in slots:
-                if not errors.ok(slot):
-                    continue
+            for slot in errors.working(slots):
                 system = slot.cls()
                 with errors.guard(slot.name):
                     try:
@@ -62,11 +59,7 @@ def fig_startup(slots: list[Slot], s: Settings) -> Section:
                         system.close()
                     if r > 0:
                         times.setdefault(slot.name, {}).setdefault(method, []).append(ms)
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         cells = [slot.name]
         for method in methods:
             v = med(times.get(slot.name, {}).get(method, []))
@@ -99,9 +92,7 @@ def fig_crash(slots: list[Slot], s: Settings) -> Section:
     seen: dict[str, set[str]] = {}
     for r in range(s.fault_rounds):
         say(f"  crash round {r + 1}/{s.fault_rounds}")
-        for slot in slots:
-            if not errors.ok(slot):
-                continue
+        for slot in errors.working(slots):
             system = sys_of(slot)
             with errors.guard(slot.name):
                 t0 = time.perf_counter_ns()
@@ -121,11 +112,7 @@ def fig_crash(slots: list[Slot], s: Settings) -> Section:
                 d["next"].append((t2 - t1) / 1e6)
                 d["total"].append((t2 - t0) / 1e6)
     ref = med(times.get(BASELINE, {}).get("total", []))
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         d = times[slot.name]
         total = med(d["total"])
         section.rows.append(
@@ -197,9 +184,7 @@ def fig_kill(slots: list[Slot], s: Settings) -> Section:
     seen: dict[str, set[str]] = {}
     for r in range(s.fault_rounds):
         say(f"  kill round {r + 1}/{s.fault_rounds}")
-        for slot in slots:
-            if not errors.ok(slot):
-                continue
+        for slot in errors.working(slots):
             system = sys_of(slot)
             with errors.guard(slot.name):
                 ms, what = kill_while_waiting(system)
@@ -209,11 +194,7 @@ def fig_kill(slots: list[Slot], s: Settings) -> Section:
                     raise RuntimeError(what)
                 times.setdefault(slot.name, []).append(ms)
     ref = med(times.get(BASELINE, []))
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         v = med(times[slot.name])
         section.rows.append(
             [
@@ -254,9 +235,7 @@ def fig_rss(slots: list[Slot], s: Settings) -> Section:
     parent: dict[str, int] = {}
     child0: dict[str, int] = {}
     seconds: dict[str, float] = {}
-    for slot in wanted:
-        if not errors.ok(slot):
-            continue
+    for slot in errors.working(wanted):
         with errors.guard(slot.name):
             system = sys_of(slot)
             add = system.add
@@ -272,19 +251,16 @@ def fig_rss(slots: list[Slot], s: Settings) -> Section:
             parent[slot.name] = 0
             seconds[slot.name] = 0.0
     gc.collect()
-    for slot in wanted:
-        if errors.ok(slot):
-            rss = read_rss_kib(pids[slot.name])
-            if rss is None:
-                errors.by_name[slot.name] = "child RSS unreadable"
-            else:
-                child0[slot.name] = rss
+    for slot in errors.working(wanted):
+        rss = read_rss_kib(pids[slot.name])
+        if rss is None:
+            errors.by_name[slot.name] = "child RSS unreadable"
+        else:
+            child0[slot.name] = rss
     me = os.getpid()
     for c in range(s.rss_chunks):
         say(f"  rss chunk {c + 1}/{s.rss_chunks}")
-        for slot in wanted:
-            if not errors.ok(slot):
-                continue
+        for slot in errors.working(wanted):
             with errors.guard(slot.name):
                 add = sys_of(slot).add
                 gc.collect()
@@ -301,7 +277,7 @@ def fig_rss(slots: list[Slot], s: Settings) -> Section:
             why = "quick mode" if s.quick else "--rss-systems"
             section.rows.append([slot.name, f"skipped ({why})", "", "", "", "", ""])
             continue
-        row = status_row(slot, errors, len(section.columns))
+        row = errors.status_row(slot, section)
         if row is not None:
             section.rows.append(row)
             continue

@@ -23,7 +23,6 @@ from benchmarks.common import (
     percentile,
     ratio,
     say,
-    status_row,
     sys_of,
 )
 from benchmarks.systems import BASELINE, SECOND_BASELINE, System
@@ -64,23 +63,20 @@ def fig_latency(slots: list[Slot], s: Settings) -> Section:
     )
     errors = Errors()
     samples: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for slot in slots:
-        if errors.ok(slot):
-            with errors.guard(slot.name):
-                system = sys_of(slot)
-                check(system.add(1, 2), 3, "add(1, 2)")
-                try:
-                    system.boom()
-                    raise RuntimeError("boom() did not raise")
-                except ValueError:
-                    pass
-                time_add(system, min(200, s.lat_calls))
-                time_boom(system, min(50, s.boom_calls))
+    for slot in errors.working(slots):
+        with errors.guard(slot.name):
+            system = sys_of(slot)
+            check(system.add(1, 2), 3, "add(1, 2)")
+            try:
+                system.boom()
+                raise RuntimeError("boom() did not raise")
+            except ValueError:
+                pass
+            time_add(system, min(200, s.lat_calls))
+            time_boom(system, min(50, s.boom_calls))
     for r in range(s.rounds):
         say(f"  latency round {r + 1}/{s.rounds}")
-        for slot in slots:
-            if not errors.ok(slot):
-                continue
+        for slot in errors.working(slots):
             with errors.guard(slot.name):
                 for call, timer, n in (
                     ("add", time_add, s.lat_calls),
@@ -94,11 +90,7 @@ def fig_latency(slots: list[Slot], s: Settings) -> Section:
     def m(name: str, call: str, q: str) -> float | None:
         return med(samples.get((name, call), {}).get(q, []))
 
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         for call, label in (("add", "add(1, 2)"), ("boom", "boom() raises")):
             p50, p99 = m(slot.name, call, "p50"), m(slot.name, call, "p99")
             section.rows.append(
@@ -211,17 +203,14 @@ def fig_threads(slots: list[Slot], s: Settings) -> Section:
     gangs: dict[str, Gang] = {}
     rates: dict[str, dict[str, list[float]]] = {}
     try:
-        for slot in slots:
-            if errors.ok(slot):
-                with errors.guard(slot.name):
-                    gang = Gang(sys_of(slot), s.threads, slot.cls.needs_lock)
-                    gangs[slot.name] = gang
-                    gang.round(max(1, per_thread // 10))  # warm-up: connects, first calls
+        for slot in errors.working(slots):
+            with errors.guard(slot.name):
+                gang = Gang(sys_of(slot), s.threads, slot.cls.needs_lock)
+                gangs[slot.name] = gang
+                gang.round(max(1, per_thread // 10))  # warm-up: connects, first calls
         for r in range(s.rounds):
             say(f"  threads round {r + 1}/{s.rounds}")
-            for slot in slots:
-                if not errors.ok(slot):
-                    continue
+            for slot in errors.working(slots):
                 with errors.guard(slot.name):
                     system = sys_of(slot)
                     add, clock = system.add, time.perf_counter_ns
@@ -237,11 +226,7 @@ def fig_threads(slots: list[Slot], s: Settings) -> Section:
         for gang in gangs.values():
             gang.close()
     ref = med(rates.get(BASELINE, {}).get("one", []))
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         one, many = med(rates[slot.name]["one"]), med(rates[slot.name]["many"])
         how = "one Lock per round trip" if slot.cls.needs_lock else "one shared proxy"
         if slot.name == "Pyro5":
@@ -299,9 +284,7 @@ def fig_echo(slots: list[Slot], s: Settings) -> Section:
         section.notes.append("numpy not installed: no ndarray payload")
     once: set[tuple[str, str]] = set()  # one call took over echo_slow: not repeated
     probes = (os.urandom(4 << 20), os.urandom(16 << 20))
-    for slot in slots:
-        if not errors.ok(slot):
-            continue
+    for slot in errors.working(slots):
         predicted: float | None = None
         for label, payload, nbytes in payloads:
             if "ndarray" in label and not slot.cls.carries_ndarray:
@@ -347,11 +330,7 @@ def fig_echo(slots: list[Slot], s: Settings) -> Section:
                             f"{slot.name}: {label} took {seconds / calls:.1f} s per call; "
                             "measured in round 1 only (*)"
                         )
-    for slot in slots:
-        row = status_row(slot, errors, len(section.columns))
-        if row is not None:
-            section.rows.append(row)
-            continue
+    for slot in errors.with_numbers(slots, section):
         cells = [slot.name]
         for label in labels:
             if (slot.name, label) in skip:
