@@ -321,10 +321,9 @@ class Client(Generic[T]):
             for body in self._transport.read(timeout, spin):
                 got = self._protocol.receive(body)
                 if got is not None:
-                    slot = got[0]
-                    slot.ok, slot.value, slot.done = got[1], got[2], True
-                    if slot.waiter is not None:
-                        woken.append(slot.waiter)
+                    waiter = self._deliver(*got)
+                    if waiter is not None:
+                        woken.append(waiter)
         except PeerGone as exc:
             self._break(self._lost(str(exc)))
         except StartupFailedSignal as signal:
@@ -355,13 +354,12 @@ class Client(Generic[T]):
         if self._broken is not None:
             raise fresh_error(self._broken)
 
-    def _deliver(self, slot: _Slot, ok: bool, value: Any) -> None:
+    def _deliver(self, slot: _Slot, ok: bool, value: Any) -> Any:
+        """Give the call its outcome; return the waiter to wake (None: it reads for itself)."""
         slot.ok = ok
         slot.value = value
         slot.done = True
-        waiter = slot.waiter
-        if waiter is not None:
-            _signal(waiter)
+        return slot.waiter
 
     def _wake_all(self) -> None:
         for slot in list(self._protocol.pending.values()):
@@ -394,7 +392,9 @@ class Client(Generic[T]):
                 _, slot = pending.popitem()
             except KeyError:
                 break
-            self._deliver(slot, False, fresh_error(self._broken))
+            waiter = self._deliver(slot, False, fresh_error(self._broken))
+            if waiter is not None:
+                _signal(waiter)
 
     def _closed_error(self) -> ClientClosedError:
         return ClientClosedError("the client was closed")

@@ -130,7 +130,7 @@ def _names_main(data: bytes) -> bool:
     return len(data) <= MAIN_SCAN_LIMIT and data.find(b"__main__") >= 0
 
 
-def fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
+def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
     """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
     buffers: list[pickle.PickleBuffer] = []
     try:
@@ -205,11 +205,11 @@ class Codec:
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
-        return fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
+        return _fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
         """The hot path of ``encode`` for a return value."""
-        return fast_frame(RETURN, call_id, value, "result", "")
+        return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
 

@@ -31,12 +31,11 @@ copied chunk by chunk.
 from __future__ import annotations
 
 import itertools
-import pickle
 import struct
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
-from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, fast_frame, hello
+from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Fail, FailKind, Hello, Message, Raise, Return, Shutdown, StartupFailed
 
@@ -148,7 +147,6 @@ class ClientProtocol(Generic[S]):
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self._trusted = not codec.untrusted
         self.pending: dict[int, S] = {}
         self.peer: Hello | None = None
         self.late_replies = 0
@@ -167,7 +165,7 @@ class ClientProtocol(Generic[S]):
             SerializationError: an argument would not pickle; nothing was registered.
         """
         call_id = next(self._ids)
-        frame = fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
+        frame = self.codec.encode_call(call_id, method, args, kwargs)
         self.pending[call_id] = slot
         return call_id, frame
 
@@ -186,23 +184,12 @@ class ClientProtocol(Generic[S]):
             tag, call_id = _BODY.unpack_from(body)
             if tag == RETURN:  # the hot path: a plain return value
                 try:
-                    if self._trusted:
-                        try:
-                            value = pickle.loads(memoryview(body)[9:])
-                        except (Exception, SystemExit) as exc:
-                            raise UndecodablePayload(
-                                call_id, f"result could not be unpickled: {exc!r}"
-                            ) from exc
-                    else:
-                        value = self.codec.loads(call_id, memoryview(body)[9:], "result")
+                    value = self.codec.loads(call_id, memoryview(body)[9:], "result")
                 except UndecodablePayload as exc:
                     slot = self._take(call_id)
                     return None if slot is None else (slot, False, SerializationError(exc.message))
-                slot = self.pending.pop(call_id, None)
-                if slot is None:
-                    self.late_replies += 1
-                    return None
-                return slot, True, value
+                slot = self._take(call_id)
+                return None if slot is None else (slot, True, value)
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:
@@ -304,7 +291,7 @@ class ServerProtocol:
         """
         if ok:
             try:
-                return fast_frame(RETURN, call_id, value, "result", "")
+                return self.codec.encode_return(call_id, value)
             except SerializationError as exc:
                 return self.codec.encode(Fail(call_id, FailKind.SERIALIZATION, str(exc)))
         if isinstance(value, Fail):

@@ -105,7 +105,6 @@ class Transport:
         conn: one end of a duplex ``multiprocessing.Pipe``.
         sentinel: a descriptor that becomes readable when the peer process ends.
         max_frame: refuse frames longer than this (``ProtocolError``).
-        spin: seconds to spin before sleeping when the peer answered quickly last time.
     """
 
     def __init__(
@@ -114,13 +113,12 @@ class Transport:
         *,
         sentinel: int | None = None,
         max_frame: int | None = None,
-        spin: float = SPIN_SECONDS,
     ) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         self.reader = FrameReader(max_frame)
         self.sentinel = sentinel
-        self._spin_ns = int(spin * 1e9)
+        self._spin_ns = int(SPIN_SECONDS * 1e9)
         self._spin_next = False  # did the last answer come within the spin window?
         self._sent_ns = 0  # when the last frame was written
         os.set_blocking(self.fd, False)
