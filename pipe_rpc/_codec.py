@@ -14,7 +14,11 @@ the parent's ``__main__``; a larger pickle is not scanned, as the scan would
 cost as much as the copy). Buffers
 that pickle hands out of band (numpy arrays, ``PickleBuffer``) are written
 after the pickle without a copy; the frame tag then has ``OUT_OF_BAND`` set
-and the payload starts with the count and sizes of the buffers.
+and the payload starts with the count and sizes of the buffers. A ``bytes``
+argument or result of at least ``OOB_BYTES`` goes out of band too, as a
+``PickleBuffer``: its size has ``AS_BYTES`` set, and the reader hands pickle a
+``bytes`` copy of it, so it unpickles as the very ``bytes`` it was (a copy
+that unpickling it in band would make anyway).
 
 Untrusted peers are decoded by ``_untrusted.restricted_loads`` instead of
 ``pickle.loads``: only plain data and the caller's allowed types.
@@ -69,6 +73,10 @@ CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
 MAX_SHORT_FRAME = 0x7FFFFFFF
 #: Below this a frame is joined into one bytes object before writing.
 _JOIN_BELOW = 1 << 16
+#: A ``bytes`` argument or result this long is written out of band, not copied into the pickle.
+OOB_BYTES = 1 << 16
+#: In the buffer table: this buffer was a ``bytes`` object; rebuild it as one.
+AS_BYTES = 1 << 63
 
 _BUILTIN_EXCEPTIONS = frozenset(
     obj
@@ -111,7 +119,9 @@ def _frame(
     """Lay out one frame as segments ready for ``os.writev``."""
     if buffers:
         raws = [b.raw() for b in buffers]
-        table = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+        table = _COUNT.pack(len(raws)) + b"".join(
+            _SIZE.pack(r.nbytes | AS_BYTES if type(r.obj) is bytes else r.nbytes) for r in raws
+        )
         size = 9 + len(table) + len(payload) + sum(r.nbytes for r in raws)
         return [_length(size) + _BODY.pack(tag | OUT_OF_BAND, call_id) + table, payload, *raws]
     size = 9 + len(payload)
@@ -205,10 +215,20 @@ class Codec:
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
+        for arg in args:
+            if type(arg) is bytes and len(arg) >= OOB_BYTES:
+                args = tuple(map(_out_of_band, args))
+                break
+        for arg in kwargs.values():
+            if type(arg) is bytes and len(arg) >= OOB_BYTES:
+                kwargs = {key: _out_of_band(value) for key, value in kwargs.items()}
+                break
         return _fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
         """The hot path of ``encode`` for a return value."""
+        if type(value) is bytes and len(value) >= OOB_BYTES:
+            value = pickle.PickleBuffer(value)
         return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
@@ -241,7 +261,7 @@ class Codec:
             raise ProtocolError(f"frame of {len(view)} bytes is shorter than its 9-byte header")
         raw_tag, call_id = _BODY.unpack_from(view)
         payload = view[9:]
-        buffers: list[memoryview] | None = None
+        buffers: list[memoryview | bytes] | None = None
         if raw_tag & OUT_OF_BAND:
             raw_tag &= ~OUT_OF_BAND
             payload, buffers = _split_out_of_band(payload)
@@ -264,7 +284,7 @@ class Codec:
         raise ProtocolError(f"unknown frame tag {raw_tag}")
 
     def _loads(
-        self, call_id: int, payload: memoryview, buffers: list[memoryview] | None, what: str
+        self, call_id: int, payload: memoryview, buffers: list[memoryview | bytes] | None, what: str
     ) -> Any:
         if not self.untrusted:
             try:
@@ -329,20 +349,31 @@ class Codec:
         return error
 
 
-def _split_out_of_band(payload: memoryview) -> tuple[memoryview, list[memoryview]]:
+def _out_of_band(value: object) -> object:
+    """``value``, as a ``PickleBuffer`` if it is a ``bytes`` long enough to go out of band."""
+    if type(value) is bytes and len(value) >= OOB_BYTES:
+        return pickle.PickleBuffer(value)
+    return value
+
+
+def _split_out_of_band(payload: memoryview) -> tuple[memoryview, list[memoryview | bytes]]:
     try:
         (count,) = _COUNT.unpack_from(payload)
         sizes = [_SIZE.unpack_from(payload, 4 + 8 * i)[0] for i in range(count)]
     except struct.error as exc:
         raise ProtocolError("truncated out-of-band buffer table") from exc
     start = 4 + 8 * count
-    end = len(payload) - sum(sizes)
+    end = len(payload) - sum(size & ~AS_BYTES for size in sizes)
     if end < start:
         raise ProtocolError("out-of-band buffers are larger than their frame")
-    buffers = []
+    buffers: list[memoryview | bytes] = []
     offset = end
     for size in sizes:
-        buffers.append(payload[offset : offset + size])
+        if size & AS_BYTES:
+            size &= ~AS_BYTES
+            buffers.append(bytes(payload[offset : offset + size]))
+        else:
+            buffers.append(payload[offset : offset + size])
         offset += size
     return payload[start:end], buffers
 

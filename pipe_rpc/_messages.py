@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 #: Bumped whenever the frame layout or a payload shape changes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: The first bytes of every hello payload, so a peer that is not pipe_rpc is spotted at once.
 HELLO_MAGIC = b"pipe_rpc"

@@ -31,6 +31,7 @@ copied chunk by chunk.
 from __future__ import annotations
 
 import itertools
+import mmap
 import struct
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -62,13 +63,9 @@ class FrameReader:
     def __init__(self, max_frame: int | None = None) -> None:
         self.max_frame = max_frame
         self._rest = b""  # bytes of an unfinished small frame
-        self._big: bytearray | None = None  # body of a large frame being read in place
+        self._big: mmap.mmap | None = None  # body of a large frame being read in place
         self._big_filled = 0
         self._big_size = 0
-        # A large in-band frame is read into this buffer, kept for the next one: a fresh
-        # bytearray is zeroed page by page, which costs as much as the read itself.
-        # Frames with out-of-band buffers get a fresh one, as the decoded objects keep it.
-        self._spare: bytearray | None = None
 
     def read_target(self) -> memoryview | None:
         """Where to read the next bytes directly, or ``None`` to ``feed()`` what you read."""
@@ -117,7 +114,10 @@ class FrameReader:
                 pos = start + size
                 continue
             if size >= BIG_FRAME and end > start:
-                self._big = self._buffer_for(size, out_of_band=bool(data[start] & 0x80))
+                # Fresh anonymous memory: the kernel hands out zeroed pages as the read
+                # fills them, where bytearray(size) would zero every page first. Nothing
+                # is kept: decoded objects (a numpy array) may hold on to the buffer.
+                self._big = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
                 self._big_size = size
                 have = end - start
                 self._big[:have] = memoryview(data)[start:end]
@@ -127,14 +127,6 @@ class FrameReader:
         if pos < end:
             self._rest = data[pos:]
         return frames
-
-    def _buffer_for(self, size: int, *, out_of_band: bool) -> bytearray:
-        if out_of_band:
-            return bytearray(size)
-        if self._spare is None or len(self._spare) < size:
-            self._spare = None  # let the old one go before making the new one
-            self._spare = bytearray(size)
-        return self._spare
 
     @property
     def idle(self) -> bool:

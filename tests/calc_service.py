@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 import time
@@ -70,6 +71,10 @@ class CalcService:
 
     def make_bytes(self, size: int) -> bytes:
         return bytes(size)
+
+    def make_buffer(self, size: int, fill: int) -> Any:
+        """``size`` bytes of ``fill`` sent out of band; the caller gets a writable memoryview."""
+        return pickle.PickleBuffer(bytearray([fill]) * size)
 
     def sleep_then_return(self, seconds: float, value: Any) -> Any:
         time.sleep(seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -282,6 +283,62 @@ def test_64_mib_arguments_and_results(server: pipe_rpc.Server[CalcService]) -> N
     assert len(big) == 64 << 20
     assert server.proxy.echo(big) == big
     assert server.proxy.make_bytes(64 << 20)[-5:] == b"\x00" * 5
+
+
+def test_big_bytes_keep_their_type_both_ways(server: pipe_rpc.Server[CalcService]) -> None:
+    big = os.urandom(1 << 10) * 300  # above the size that travels out of band
+    for got in (server.proxy.echo(big), server.proxy.echo(value=big)):
+        assert type(got) is bytes
+        assert got == big
+    assert server.proxy.echo([big, big]) == [big, big]
+
+
+def _overwrite(view: memoryview) -> None:
+    view[:] = b"\xff" * len(view)
+
+
+def test_a_big_out_of_band_reply_has_memory_of_its_own(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    first = server.proxy.make_buffer(2 << 20, 7)
+    second = server.proxy.make_buffer(2 << 20, 9)
+    assert bytes(first[:2]) + bytes(second[:2]) == b"\x07\x07\x09\x09"  # not one reused buffer
+    first[0] = 1  # writable
+    # Private memory: a forked child writing to it changes only its own copy.
+    child = multiprocessing.get_context("fork").Process(target=_overwrite, args=(first,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert bytes(first[:3]) == b"\x01\x07\x07"
+    assert bytes(second[-2:]) == b"\x09\x09"
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(60)
+def test_big_frames_leave_no_buffer_behind() -> None:
+    calc = pipe_rpc.spawn(CalcService, start_method="forkserver")
+    try:
+        big = bytes(64 << 20)
+        calc.proxy.echo(b"warm up")
+        assert calc.pid is not None
+        before = _rss_mib(os.getpid()), _rss_mib(calc.pid)
+        for _ in range(2):
+            assert calc.proxy.echo(big) == big
+            assert len(calc.proxy.make_bytes(64 << 20)) == 64 << 20
+        gc.collect()
+        after = _rss_mib(os.getpid()), _rss_mib(calc.pid)
+    finally:
+        calc.close()
+    # Keeping a 64 MiB receive buffer for the next big frame would show as +64 MiB.
+    assert after[0] - before[0] < 32, (before, after)
+    assert after[1] - before[1] < 32, (before, after)
 
 
 def test_hand_written_setup_with_protocol_client() -> None:

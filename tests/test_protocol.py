@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import Buffer, Codec, format_traceback
+from pipe_rpc._codec import OOB_BYTES, Buffer, Codec, format_traceback
 from pipe_rpc._messages import Call, Fail, Hello, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
@@ -246,8 +246,38 @@ def test_out_of_band_buffers_round_trip_without_copy() -> None:
     assert bytes(value) == bytes(data)
 
 
+def test_big_bytes_go_out_of_band_without_a_copy_and_come_back_as_bytes() -> None:
+    value = bytes(range(256)) * (OOB_BYTES // 256)
+    codec = Codec()
+    segments = codec.encode_return(1, value)
+    # The bytes object itself is a segment: written with writev, never copied into the pickle.
+    assert any(isinstance(s, memoryview) and s.obj is value for s in segments)
+    for decoder in (codec, Codec(untrusted=True)):
+        (body,) = FrameReader().feed(_join(segments))
+        got = decoder.decode(body).value  # type: ignore[union-attr]
+        assert type(got) is bytes
+        assert got == value
+
+
+def test_big_bytes_arguments_go_out_of_band_positional_and_keyword() -> None:
+    big, small = b"\x01" * OOB_BYTES, b"\x02" * 10
+    segments = Codec().encode_call(4, "f", (small, big, [big]), {"k": big, "s": small})
+    assert sum(isinstance(s, memoryview) and s.obj is big for s in segments) == 2
+    (body,) = FrameReader().feed(_join(segments))
+    call = Codec().decode(body)
+    assert isinstance(call, Call)
+    assert call.args == (small, big, [big])
+    assert call.kwargs == {"k": big, "s": small}
+    assert [type(a) for a in call.args[:2]] == [bytes, bytes]
+    assert type(call.kwargs["k"]) is bytes
+
+
+def test_small_bytes_stay_in_one_joined_segment() -> None:
+    assert len(Codec().encode_return(1, b"x" * (OOB_BYTES - 100))) == 1
+
+
 def test_consecutive_big_frames_each_decode_their_own_bytes() -> None:
-    # In-band big frames share one receive buffer; each must be decoded before the next.
+    # Each big frame is read into memory of its own, and none is kept for the next.
     codec = Codec()
     reader = FrameReader()
     firsts = [bytes([n]) * (BIG_FRAME + 1000) for n in (1, 2, 3)]
