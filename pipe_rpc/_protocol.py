@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import struct
+import sys
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
@@ -47,6 +48,8 @@ _LENGTH = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 #: A frame at least this large is read in place into a buffer of its own.
 BIG_FRAME = 1 << 20
+#: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
+SPARE_MAX = 4 << 20
 
 
 class FrameTooLargeError(ProtocolError):
@@ -66,6 +69,7 @@ class FrameReader:
         self._big: mmap.mmap | None = None  # body of a large frame being read in place
         self._big_filled = 0
         self._big_size = 0
+        self._spare: mmap.mmap | None = None  # the last buffer of at most SPARE_MAX bytes
 
     def read_target(self) -> memoryview | None:
         """Where to read the next bytes directly, or ``None`` to ``feed()`` what you read."""
@@ -114,10 +118,7 @@ class FrameReader:
                 pos = start + size
                 continue
             if size >= BIG_FRAME and end > start:
-                # Fresh anonymous memory: the kernel hands out zeroed pages as the read
-                # fills them, where bytearray(size) would zero every page first. Nothing
-                # is kept: decoded objects (a numpy array) may hold on to the buffer.
-                self._big = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+                self._big = self._buffer_for(size)
                 self._big_size = size
                 have = end - start
                 self._big[:have] = memoryview(data)[start:end]
@@ -127,6 +128,26 @@ class FrameReader:
         if pos < end:
             self._rest = data[pos:]
         return frames
+
+    def _buffer_for(self, size: int) -> mmap.mmap:
+        """A buffer for a big frame: the spare if nothing refers to it any more, else a new one.
+
+        New buffers are anonymous private memory: the kernel hands out zeroed pages as
+        the read fills them, where ``bytearray(size)`` would zero every page first. A
+        decoded object (a numpy array read in place) may keep a buffer alive; the spare
+        is reused only when its reference count shows that nothing but this reader holds
+        it. A buffer over ``SPARE_MAX`` is never kept, so a huge reply leaves nothing
+        behind once its objects are gone.
+        """
+        spare = self._spare
+        # Three references: the attribute, the local name, getrefcount's argument.
+        if spare is not None and len(spare) >= size and sys.getrefcount(spare) == 3:
+            return spare
+        del spare
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        if size <= SPARE_MAX:
+            self._spare = buffer
+        return buffer
 
     @property
     def idle(self) -> bool:

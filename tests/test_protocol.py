@@ -6,16 +6,18 @@ import pickle
 import struct
 import threading
 import traceback
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import OOB_BYTES, Buffer, Codec, format_traceback
+from pipe_rpc._codec import OOB_BYTES, Body, Buffer, Codec, format_traceback
 from pipe_rpc._messages import Call, Fail, Hello, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
+    SPARE_MAX,
     ClientProtocol,
     FrameReader,
     FrameTooLargeError,
@@ -289,6 +291,45 @@ def test_consecutive_big_frames_each_decode_their_own_bytes() -> None:
         target[: len(frame) - 500] = frame[500:]
         (body,) = reader.filled(len(frame) - 500)
         assert codec.decode(body).value == payload  # type: ignore[union-attr]
+
+
+def _read_in_place(reader: FrameReader, frame: bytes) -> tuple[weakref.ref[Any], Body]:
+    """Feed ``frame`` as a big frame is read: a head, then the rest in place.
+
+    Returns a weak reference to the buffer it was read into (a strong one would
+    keep the reader from reusing it) and the body.
+    """
+    assert reader.feed(frame[:100]) == []
+    target = reader.read_target()
+    assert target is not None
+    target[: len(frame) - 100] = frame[100:]
+    buffer = weakref.ref(target.obj)
+    del target
+    (body,) = reader.filled(len(frame) - 100)
+    return buffer, body
+
+
+def test_a_big_frame_buffer_is_reused_once_nothing_refers_to_it() -> None:
+    codec, reader = Codec(), FrameReader()
+    frame = _join(codec.encode_return(1, b"\x05" * (BIG_FRAME + 10)))
+    first, body = _read_in_place(reader, frame)
+    assert codec.decode(body).value == b"\x05" * (BIG_FRAME + 10)  # type: ignore[union-attr]
+    del body
+    second, body = _read_in_place(reader, frame)
+    assert second() is first()
+    kept = memoryview(body)  # a decoded object holding on to the buffer
+    del body
+    third, _ = _read_in_place(reader, frame)
+    assert third() is not first()
+    assert kept[-5:] == b"\x05" * 5  # not overwritten by the third frame
+
+
+def test_a_buffer_over_the_spare_bound_is_not_kept() -> None:
+    reader = FrameReader()
+    frame = _join(Codec().encode_return(1, b"\x01" * (SPARE_MAX + 1)))
+    first, body = _read_in_place(reader, frame)
+    del body
+    assert first() is None  # nothing holds it: not even the reader
 
 
 def test_big_out_of_band_frames_get_buffers_of_their_own() -> None:
