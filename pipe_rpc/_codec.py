@@ -431,9 +431,42 @@ def format_traceback(error: BaseException) -> str:
                 line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
                 if line:
                     parts.append(f"    {line}\n")
-        parts.extend(traceback.format_exception_only(exc))
+        parts.extend(_format_exception_only(exc))
         parts.append(link)
     return "".join(parts)
+
+
+def _format_exception_only(exc: BaseException) -> list[str]:
+    """``traceback.format_exception_only(exc)``, done by hand in the common case.
+
+    The standard function builds a whole ``TracebackException`` for the one last
+    line. A ``SyntaxError`` (which shows the offending line) or an exception with
+    ``__notes__`` still goes through it.
+    """
+    cls = type(exc)
+    if issubclass(cls, SyntaxError) or getattr(exc, "__notes__", None) is not None:
+        return traceback.format_exception_only(exc)
+    name = cls.__qualname__
+    module = cls.__module__
+    if module not in ("__main__", "builtins"):
+        name = f"{module if isinstance(module, str) else '<unknown>'}.{name}"
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    return [f"{name}: {text}\n" if text else f"{name}\n"]
+
+
+_PLAIN_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
+
+
+def _plain_builtin(error: BaseException) -> bool:
+    """A builtin exception holding only plain values: its pickle surely loads."""
+    return (
+        type(error) in _BUILTIN_EXCEPTIONS
+        and not getattr(error, "__dict__", None)
+        and all(type(arg) in _PLAIN_TYPES for arg in error.args)
+    )
 
 
 def _exception_payload(error: BaseException) -> bytes:
@@ -448,7 +481,8 @@ def _exception_payload(error: BaseException) -> bytes:
     form, blob = _FORM_NONE, None
     try:
         blob = dumps(error, what="exception")
-        pickle.loads(blob)  # rebuildable here, so most likely in the caller too
+        if not _plain_builtin(error):
+            pickle.loads(blob)  # rebuildable here, so most likely in the caller too
         form = _FORM_PICKLE
     except (Exception, SystemExit):
         try:

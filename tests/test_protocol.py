@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import OOB_BYTES, Body, Buffer, Codec, format_traceback
+from pipe_rpc._codec import (
+    OOB_BYTES,
+    Body,
+    Buffer,
+    Codec,
+    _format_exception_only,
+    format_traceback,
+)
 from pipe_rpc._messages import Call, Fail, Hello, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
@@ -354,6 +361,36 @@ def _chained() -> None:
         Service().boom()
     except KeyError as exc:
         raise RuntimeError("outer", [1, 2][5 - 5]) from exc
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def _with_note() -> Exception:
+    error = KeyError("k")
+    error.add_note("a note\non two lines")
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("boom"),
+        ValueError(),
+        KeyError("key"),
+        OSError(2, "No such file", "/nowhere"),
+        _BadStr("x"),
+        MethodNotFoundError("pipe_rpc's own"),
+        _with_note(),
+        SyntaxError("bad", ("f.py", 3, 5, "x = = 1\n")),
+        ValueError(""),
+    ],
+    ids=repr,
+)
+def test_the_last_line_is_the_standard_one(error: BaseException) -> None:
+    assert _format_exception_only(error) == traceback.format_exception_only(error)
 
 
 def test_traceback_text_is_the_standard_layout_without_column_markers() -> None:
