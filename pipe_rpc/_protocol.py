@@ -144,7 +144,10 @@ class FrameReader:
         if spare is not None and len(spare) >= size and sys.getrefcount(spare) == 3:
             return spare
         del spare
-        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        try:
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        except (OSError, OverflowError, MemoryError) as exc:
+            raise FrameTooLargeError(f"frame of {size} bytes cannot be allocated: {exc}") from exc
         if size <= SPARE_MAX:
             self._spare = buffer
         return buffer

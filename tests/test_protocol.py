@@ -247,6 +247,12 @@ def test_frame_reader_matches_connection_framing_for_long_lengths() -> None:
         FrameReader().feed(struct.pack("!i", -7))
 
 
+def test_a_frame_too_large_to_allocate_is_a_protocol_error() -> None:
+    # Far beyond any address space: the stream cannot be read past it.
+    with pytest.raises(FrameTooLargeError, match="cannot be allocated"):
+        FrameReader().feed(struct.pack("!iQ", -1, 1 << 50) + b"x" * 100)
+
+
 def test_out_of_band_buffers_round_trip_without_copy() -> None:
     data = bytearray(b"abc" * 1000)
     frame = _join(Codec().encode_return(3, pickle.PickleBuffer(data)))
