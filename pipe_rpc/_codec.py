@@ -33,7 +33,7 @@ import pickle
 import reprlib
 import struct
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
@@ -114,13 +114,21 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
 
 
 def _frame(
-    tag: int, call_id: int, payload: bytes, buffers: list[pickle.PickleBuffer]
+    tag: int,
+    call_id: int,
+    payload: bytes,
+    buffers: list[pickle.PickleBuffer],
+    as_bytes: Collection[pickle.PickleBuffer] = (),
 ) -> list[Buffer]:
-    """Lay out one frame as segments ready for ``os.writev``."""
+    """Lay out one frame as segments ready for ``os.writev``.
+
+    ``as_bytes``: the buffers that stand for ``bytes`` objects (flagged ``AS_BYTES``).
+    """
     if buffers:
         raws = [b.raw() for b in buffers]
         table = _COUNT.pack(len(raws)) + b"".join(
-            _SIZE.pack(r.nbytes | AS_BYTES if type(r.obj) is bytes else r.nbytes) for r in raws
+            _SIZE.pack(r.nbytes | AS_BYTES if any(b is m for m in as_bytes) else r.nbytes)
+            for b, r in zip(buffers, raws, strict=True)
         )
         size = 9 + len(table) + len(payload) + sum(r.nbytes for r in raws)
         return [_length(size) + _BODY.pack(tag | OUT_OF_BAND, call_id) + table, payload, *raws]
@@ -140,7 +148,14 @@ def _names_main(data: bytes) -> bool:
     return len(data) <= MAIN_SCAN_LIMIT and data.find(b"__main__") >= 0
 
 
-def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> list[Buffer]:
+def _fast_frame(
+    tag: int,
+    call_id: int,
+    obj: object,
+    what: str,
+    method: str,
+    as_bytes: Collection[pickle.PickleBuffer] = (),
+) -> list[Buffer]:
     """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
     buffers: list[pickle.PickleBuffer] = []
     try:
@@ -152,7 +167,7 @@ def _fast_frame(tag: int, call_id: int, obj: object, what: str, method: str) -> 
     size = len(payload) + 9
     if size < _JOIN_BELOW and not buffers:
         return [_HEAD.pack(size, tag, call_id) + payload]
-    return _frame(tag, call_id, payload, buffers)
+    return _frame(tag, call_id, payload, buffers, as_bytes)
 
 
 def _length(size: int) -> bytes:
@@ -215,20 +230,31 @@ class Codec:
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
+        wrap: _OutOfBandBytes | None = None
         for arg in args:
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
-                args = tuple(map(_out_of_band, args))
+                wrap = _OutOfBandBytes()
+                args = tuple(map(wrap, args))
                 break
         for arg in kwargs.values():
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
-                kwargs = {key: _out_of_band(value) for key, value in kwargs.items()}
+                wrap = wrap or _OutOfBandBytes()
+                kwargs = {key: wrap(value) for key, value in kwargs.items()}
                 break
-        return _fast_frame(CALL, call_id, (method, args, kwargs), "arguments of ", method)
+        return _fast_frame(
+            CALL,
+            call_id,
+            (method, args, kwargs),
+            "arguments of ",
+            method,
+            () if wrap is None else wrap.made.values(),
+        )
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
         """The hot path of ``encode`` for a return value."""
         if type(value) is bytes and len(value) >= OOB_BYTES:
-            value = pickle.PickleBuffer(value)
+            wrapped = pickle.PickleBuffer(value)
+            return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
         return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
@@ -349,11 +375,19 @@ class Codec:
         return error
 
 
-def _out_of_band(value: object) -> object:
-    """``value``, as a ``PickleBuffer`` if it is a ``bytes`` long enough to go out of band."""
-    if type(value) is bytes and len(value) >= OOB_BYTES:
-        return pickle.PickleBuffer(value)
-    return value
+class _OutOfBandBytes:
+    """Wraps the long ``bytes`` of one message in ``PickleBuffer``s, one per object."""
+
+    def __init__(self) -> None:
+        self.made: dict[int, pickle.PickleBuffer] = {}
+
+    def __call__(self, value: object) -> object:
+        if type(value) is bytes and len(value) >= OOB_BYTES:
+            made = self.made.get(id(value))  # the message keeps value alive: ids are stable
+            if made is None:
+                made = self.made[id(value)] = pickle.PickleBuffer(value)
+            return made
+        return value
 
 
 def _split_out_of_band(payload: memoryview) -> tuple[memoryview, list[memoryview | bytes]]:
@@ -436,15 +470,20 @@ def format_traceback(error: BaseException) -> str:
     return "".join(parts)
 
 
+#: Exceptions whose last line the standard library builds itself: a SyntaxError shows the
+#: offending line, and from 3.12 these name errors add a "Did you mean" suggestion.
+_STANDARD_LINE = (SyntaxError, AttributeError, NameError, ImportError)
+
+
 def _format_exception_only(exc: BaseException) -> list[str]:
     """``traceback.format_exception_only(exc)``, done by hand in the common case.
 
     The standard function builds a whole ``TracebackException`` for the one last
-    line. A ``SyntaxError`` (which shows the offending line) or an exception with
-    ``__notes__`` still goes through it.
+    line. The types in ``_STANDARD_LINE`` and an exception with ``__notes__`` still
+    go through it.
     """
     cls = type(exc)
-    if issubclass(cls, SyntaxError) or getattr(exc, "__notes__", None) is not None:
+    if issubclass(cls, _STANDARD_LINE) or getattr(exc, "__notes__", None) is not None:
         return traceback.format_exception_only(exc)
     name = cls.__qualname__
     module = cls.__module__
@@ -452,7 +491,7 @@ def _format_exception_only(exc: BaseException) -> list[str]:
         name = f"{module if isinstance(module, str) else '<unknown>'}.{name}"
     try:
         text = str(exc)
-    except Exception:
+    except BaseException:  # as the standard library does: a failing str() is shown, not raised
         text = "<exception str() failed>"
     return [f"{name}: {text}\n" if text else f"{name}\n"]
 
@@ -460,10 +499,15 @@ def _format_exception_only(exc: BaseException) -> list[str]:
 _PLAIN_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
 
 
+#: Builtin exceptions whose constructor accepts only some argument shapes.
+_PICKY_BUILTINS = (UnicodeError, SyntaxError, BaseExceptionGroup)
+
+
 def _plain_builtin(error: BaseException) -> bool:
     """A builtin exception holding only plain values: its pickle surely loads."""
     return (
         type(error) in _BUILTIN_EXCEPTIONS
+        and not isinstance(error, _PICKY_BUILTINS)
         and not getattr(error, "__dict__", None)
         and all(type(arg) in _PLAIN_TYPES for arg in error.args)
     )
@@ -473,10 +517,13 @@ def _exception_payload(error: BaseException) -> bytes:
     """Everything the caller needs to rebuild ``error``, as plain data."""
     cls = type(error)
     type_name = f"{cls.__module__}.{cls.__qualname__}"
-    tb = format_traceback(error)
+    try:
+        tb = format_traceback(error)
+    except BaseException as exc:  # the error's own code runs here (__str__, a bad __cause__)
+        tb = f"<the traceback could not be formatted: {type(exc).__name__}>"
     try:
         message = str(error)
-    except (Exception, SystemExit):
+    except BaseException:
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
     try:

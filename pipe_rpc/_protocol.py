@@ -139,11 +139,8 @@ class FrameReader:
         it. A buffer over ``SPARE_MAX`` is never kept, so a huge reply leaves nothing
         behind once its objects are gone.
         """
-        spare = self._spare
-        # Three references: the attribute, the local name, getrefcount's argument.
-        if spare is not None and len(spare) >= size and sys.getrefcount(spare) == 3:
-            return spare
-        del spare
+        if self._spare is not None and len(self._spare) >= size and _holders(self) == _FREE:
+            return self._spare
         try:
             buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         except (OSError, OverflowError, MemoryError) as exc:
@@ -156,6 +153,27 @@ class FrameReader:
     def idle(self) -> bool:
         """No partial frame is buffered."""
         return not self._rest and self._big is None
+
+
+def _holders(reader: FrameReader) -> int:
+    """The reference count of the reader's spare, always taken the same way.
+
+    How many references the count includes (the attribute, a local name, the
+    argument) is the interpreter's business and differs between versions, so
+    it is compared with ``_FREE``, taken the same way from a spare nothing else holds.
+    """
+    spare = reader._spare
+    return sys.getrefcount(spare)
+
+
+def _free_holders() -> int:
+    reader = FrameReader()
+    reader._spare = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+    return _holders(reader)
+
+
+#: What ``_holders`` reads for a spare held by its reader alone.
+_FREE = _free_holders()
 
 
 class ClientProtocol(Generic[S]):

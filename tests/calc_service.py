@@ -28,6 +28,13 @@ class LockedError(Exception):
         self.lock = threading.Lock()
 
 
+class ExitingStrError(Exception):
+    """An exception whose ``str()`` raises ``SystemExit``."""
+
+    def __str__(self) -> str:
+        raise SystemExit(3)
+
+
 class CalcService:
     counter = 0
 
@@ -71,6 +78,9 @@ class CalcService:
 
     def make_bytes(self, size: int) -> bytes:
         return bytes(size)
+
+    def raise_exiting_str(self) -> None:
+        raise ExitingStrError("x")
 
     def make_buffer(self, size: int, fill: int) -> Any:
         """``size`` bytes of ``fill`` sent out of band; the caller gets a writable memoryview."""

@@ -17,7 +17,7 @@ from typing import Literal
 import pytest
 
 import pipe_rpc
-from tests.calc_service import CalcService
+from tests.calc_service import CalcService, ExitingStrError
 
 METHODS = ["fork", "forkserver", "spawn"]
 
@@ -293,6 +293,18 @@ def test_big_bytes_keep_their_type_both_ways(server: pipe_rpc.Server[CalcService
     assert server.proxy.echo([big, big]) == [big, big]
 
 
+@pytest.mark.parametrize("max_concurrency", [1, 4])
+def test_an_exception_whose_str_exits_comes_back_and_the_child_lives(
+    max_concurrency: int,
+) -> None:
+    with pipe_rpc.spawn(
+        CalcService, start_method="fork", max_concurrency=max_concurrency, timeout=30
+    ) as calc:
+        with pytest.raises(ExitingStrError):
+            calc.raise_exiting_str()
+        assert calc.add(1, 2) == 3
+
+
 def _overwrite(view: memoryview) -> None:
     view[:] = b"\xff" * len(view)
 
@@ -474,7 +486,7 @@ def test_spin_window_follows_the_environment_and_the_cpus() -> None:
 def test_calls_work_with_spinning_off() -> None:
     script = (
         "import pipe_rpc, pipe_rpc._transport as t\n"
-        "from tests.calc_service import CalcService\n"
+        "from tests.calc_service import CalcService, ExitingStrError\n"
         "assert t.SPIN_SECONDS == 0.0\n"
         "with pipe_rpc.spawn(CalcService, start_method='spawn') as calc:\n"
         "    assert [calc.add(i, 1) for i in range(100)] == list(range(1, 101))\n"

@@ -21,7 +21,7 @@ from pipe_rpc._codec import (
     _format_exception_only,
     format_traceback,
 )
-from pipe_rpc._messages import Call, Fail, Hello, Shutdown
+from pipe_rpc._messages import Call, Fail, Hello, Raise, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
     SPARE_MAX,
@@ -287,12 +287,20 @@ def test_big_bytes_arguments_go_out_of_band_positional_and_keyword() -> None:
     assert type(call.kwargs["k"]) is bytes
 
 
+def test_a_callers_own_picklebuffer_of_bytes_stays_a_memoryview() -> None:
+    # Only the bytes the codec wraps itself come back as bytes.
+    segments = Codec().encode_return(1, [pickle.PickleBuffer(b"abc" * OOB_BYTES)])
+    (body,) = FrameReader().feed(_join(segments))
+    (got,) = Codec().decode(body).value  # type: ignore[union-attr]
+    assert type(got) is memoryview
+    assert bytes(got[:3]) == b"abc"
+
+
 def test_small_bytes_stay_in_one_joined_segment() -> None:
     assert len(Codec().encode_return(1, b"x" * (OOB_BYTES - 100))) == 1
 
 
 def test_consecutive_big_frames_each_decode_their_own_bytes() -> None:
-    # Each big frame is read into memory of its own, and none is kept for the next.
     codec = Codec()
     reader = FrameReader()
     firsts = [bytes([n]) * (BIG_FRAME + 1000) for n in (1, 2, 3)]
@@ -332,7 +340,8 @@ def test_a_big_frame_buffer_is_reused_once_nothing_refers_to_it() -> None:
     assert second() is first()
     kept = memoryview(body)  # a decoded object holding on to the buffer
     del body
-    third, _ = _read_in_place(reader, frame)
+    other = _join(codec.encode_return(1, b"\x06" * (BIG_FRAME + 10)))
+    third, _ = _read_in_place(reader, other)
     assert third() is not first()
     assert kept[-5:] == b"\x05" * 5  # not overwritten by the third frame
 
@@ -374,6 +383,15 @@ class _BadStr(Exception):
         raise RuntimeError("no text")
 
 
+class _ExitingStr(Exception):
+    def __str__(self) -> str:
+        raise SystemExit(3)
+
+
+class _Point:
+    value = 1
+
+
 def _with_note() -> Exception:
     error = KeyError("k")
     error.add_note("a note\non two lines")
@@ -388,6 +406,9 @@ def _with_note() -> Exception:
         KeyError("key"),
         OSError(2, "No such file", "/nowhere"),
         _BadStr("x"),
+        _ExitingStr("x"),
+        AttributeError("'_Point' object has no attribute 'valeu'", name="valeu", obj=_Point()),
+        NameError("name 'valeu' is not defined", name="valeu"),
         MethodNotFoundError("pipe_rpc's own"),
         _with_note(),
         SyntaxError("bad", ("f.py", 3, 5, "x = = 1\n")),
@@ -397,6 +418,21 @@ def _with_note() -> Exception:
 )
 def test_the_last_line_is_the_standard_one(error: BaseException) -> None:
     assert _format_exception_only(error) == traceback.format_exception_only(error)
+
+
+def test_an_exception_whose_str_exits_still_travels() -> None:
+    (body,) = FrameReader().feed(_join(Codec().encode(Raise(1, _ExitingStr("x")))))
+    error = Codec().decode(body).error  # type: ignore[union-attr]
+    assert type(error) is _ExitingStr
+
+
+def test_a_builtin_exception_with_reshaped_args_keeps_its_type() -> None:
+    error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    error.args = ("reshaped",)  # its constructor would refuse these
+    (body,) = FrameReader().feed(_join(Codec().encode(Raise(1, error))))
+    got = Codec().decode(body).error  # type: ignore[union-attr]
+    assert type(got) is UnicodeDecodeError
+    assert got.args == ("reshaped",)
 
 
 def test_traceback_text_is_the_standard_layout_without_column_markers() -> None:
