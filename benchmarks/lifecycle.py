@@ -111,11 +111,11 @@ def fig_crash(slots: list[Slot], s: Settings) -> Section:
                     d = times.setdefault(slot.name, {}).setdefault(method, {})
                     for key, ms in got.items():
                         d.setdefault(key, []).append(ms)
+    refs = {m: med(times.get(BASELINE, {}).get(m, {}).get("total", [])) for m in methods}
     for slot in errors.with_numbers(slots, section):
         for method in methods:
             d = times[slot.name].get(method, {})
             total = med(d.get("total", []))
-            ref = med(times.get(BASELINE, {}).get(method, {}).get("total", []))
             section.rows.append(
                 [
                     slot.name,
@@ -126,7 +126,7 @@ def fig_crash(slots: list[Slot], s: Settings) -> Section:
                     fmt(med(d.get("next", [])), 1),
                     fmt(total, 1),
                     fmt(med(d.get("x start", [])), 2),
-                    ratio(total, ref),
+                    ratio(total, refs[method]),
                 ]
             )
     section.notes.append(

@@ -120,8 +120,6 @@ class System:
     note: ClassVar[str] = ""
     #: Whether a 4-thread run needs a lock around each round trip (raw pipes).
     needs_lock: ClassVar[bool] = False
-    #: Whether the next call after a child death restarts the child by itself.
-    self_restarting: ClassVar[bool] = False
     #: Whether ``echo`` can carry a numpy array by value.
     carries_ndarray: ClassVar[bool] = True
     ndarray_note: ClassVar[str] = ""
@@ -287,7 +285,6 @@ class RawB(_RawSystem):
 class PipeRpc(System):
     name = "pipe_rpc"
     note = 'pipe_rpc.spawn(Service, restart="on-failure", max_concurrency=1); calls via .proxy'
-    self_restarting = True
 
     def __init__(self) -> None:
         super().__init__()

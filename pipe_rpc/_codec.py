@@ -247,7 +247,7 @@ class Codec:
             (method, args, kwargs),
             "arguments of ",
             method,
-            () if wrap is None else wrap.made.values(),
+            () if wrap is None else wrap.made,
         )
 
     def encode_return(self, call_id: int, value: object) -> list[Buffer]:
@@ -376,17 +376,16 @@ class Codec:
 
 
 class _OutOfBandBytes:
-    """Wraps the long ``bytes`` of one message in ``PickleBuffer``s, one per object."""
+    """Wraps the long ``bytes`` of one message in ``PickleBuffer``s, and remembers them."""
 
     def __init__(self) -> None:
-        self.made: dict[int, pickle.PickleBuffer] = {}
+        self.made: list[pickle.PickleBuffer] = []
 
     def __call__(self, value: object) -> object:
         if type(value) is bytes and len(value) >= OOB_BYTES:
-            made = self.made.get(id(value))  # the message keeps value alive: ids are stable
-            if made is None:
-                made = self.made[id(value)] = pickle.PickleBuffer(value)
-            return made
+            wrapped = pickle.PickleBuffer(value)
+            self.made.append(wrapped)
+            return wrapped
         return value
 
 

@@ -486,7 +486,7 @@ def test_spin_window_follows_the_environment_and_the_cpus() -> None:
 def test_calls_work_with_spinning_off() -> None:
     script = (
         "import pipe_rpc, pipe_rpc._transport as t\n"
-        "from tests.calc_service import CalcService, ExitingStrError\n"
+        "from tests.calc_service import CalcService\n"
         "assert t.SPIN_SECONDS == 0.0\n"
         "with pipe_rpc.spawn(CalcService, start_method='spawn') as calc:\n"
         "    assert [calc.add(i, 1) for i in range(100)] == list(range(1, 101))\n"
