@@ -8,18 +8,29 @@ polls the pipe, with no other thread involved. When a second thread calls
 while the first is reading, the client starts a *reader thread*: from then on
 callers sleep on a lock of their own, and the reader takes every reply that
 has come in one read, matches each to its call, and wakes the owners just
-before it sleeps again (so a woken caller finds the interpreter free). Each
-call then costs one thread switch, and a burst of replies costs one wake-up
-of the reader. The reader thread ends once no call has been pending for
-``_READER_LINGER`` seconds, and the next lone caller reads for itself again.
+before it sleeps again (so a woken caller finds the interpreter free). The
+reader thread ends once no call has been pending for ``_READER_LINGER``
+seconds, and the next lone caller reads for itself again.
+
+A thread that found another call in progress gets a *side channel* on its
+next call, where the pipe is a Unix socket (see ``_protocol``): a socket of
+its own to the server, which it writes its calls to and reads its replies
+from. The kernel then wakes each caller when its own reply comes, with no
+reader thread in between and no lock shared with other callers. At most
+``MAX_CHANNELS`` threads get one; the others, and every thread when the
+server refuses, go on sharing the pipe. A side channel ends with its thread.
 """
 
 from __future__ import annotations
 
+import _thread
 import copy
+import os
 import select
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from types import TracebackType
@@ -36,9 +47,17 @@ from ._errors import (
     WorkerDiedError,
     describe_exitcode,
 )
-from ._messages import Shutdown
-from ._protocol import ClientProtocol, StartupFailedSignal
-from ._transport import PeerGone, Transport, WriteTimeout, enlarge_buffers, remaining, shutdown
+from ._messages import Channel, OpenChannel, Shutdown
+from ._protocol import MAX_CHANNELS, ClientProtocol, StartupFailedSignal
+from ._transport import (
+    PeerGone,
+    Transport,
+    WriteTimeout,
+    enlarge_buffers,
+    is_unix_stream,
+    remaining,
+    shutdown,
+)
 
 T = TypeVar("T")
 
@@ -92,6 +111,89 @@ class _Slot:
         self.waiter: Any = None
 
 
+class _SideChannel:
+    """A calling thread's own connection to the server; closed when the thread is gone.
+
+    It holds the bare descriptor, not a socket object: it may be collected with
+    its client in a reference cycle, in any order, and must close quietly.
+    """
+
+    __slots__ = ("__weakref__", "fd", "transport")
+
+    def __init__(self, sock: socket.socket, sentinel: int | None, max_frame: int | None) -> None:
+        self.fd = sock.detach()
+        self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame)
+        _SIDE_CHANNELS.add(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _PeerWatch:
+    """A thread that sleeps until the server process ends, then says so and wakes side channels.
+
+    Threads sleep in ``read`` on their side channels, which does not watch the
+    sentinel; the shutdown wakes them (they read what is left, then end of
+    file). ``ended`` lets a ``Server`` see a death before a call, without a
+    system call of its own. ``stop()`` (the client is closed or gone) ends it.
+    It holds the client's side channels but not the client.
+    """
+
+    def __init__(self, sentinel: int, channels: weakref.WeakSet[_SideChannel]) -> None:
+        self.ended = False
+        self._channels = channels
+        wake, self._stop = os.pipe()
+        self._stop_lock = threading.Lock()
+        # A bare thread: threading.Thread.start() waits for the thread to run.
+        _thread.start_new_thread(self._run, (sentinel, wake))
+
+    def _run(self, sentinel: int, wake: int) -> None:
+        poll = select.poll()
+        poll.register(sentinel, select.POLLIN)
+        poll.register(wake, select.POLLIN)
+        try:
+            events = dict(poll.poll())
+            if wake not in events:
+                self.ended = True
+                for channel in list(self._channels):
+                    shutdown(channel)
+        finally:
+            os.close(wake)
+
+    def stop(self) -> None:
+        with self._stop_lock:
+            stop, self._stop = self._stop, -1
+        if stop >= 0:
+            os.close(stop)
+
+
+#: Every open side channel of this process, so that a forked server child closes them.
+_SIDE_CHANNELS: weakref.WeakSet[_SideChannel] = weakref.WeakSet()
+
+
+def close_inherited_channels() -> None:
+    """In a child just forked: close the side channels of the parent's clients."""
+    for channel in list(_SIDE_CHANNELS):
+        channel.close()
+
+
+class _ThreadState(threading.local):
+    """What a client keeps for each calling thread."""
+
+    def __init__(self) -> None:
+        self.channel: _SideChannel | None = None
+        self.contended = False  # a call of this thread found another call in progress
+        self.waiter: Any = None  # the lock it sleeps on while the reader thread reads
+
+
 def fresh_error(error: PipeRPCError) -> PipeRPCError:
     """A copy of ``error`` for one more caller (each raise gets its own traceback)."""
     fresh = copy.copy(error)
@@ -134,6 +236,8 @@ class Client(Generic[T]):
         self._process = process
         self.death_hint: Callable[[int], str] = lambda exitcode: ""
         sentinel = getattr(process, "sentinel", None) if process is not None else None
+        self._sentinel = sentinel
+        self._max_reply_bytes = max_reply_bytes
         self._protocol: ClientProtocol[_Slot] = ClientProtocol(
             Codec(untrusted=untrusted, allowed_types=allowed_types)
         )
@@ -142,10 +246,16 @@ class Client(Generic[T]):
         self._read_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards starting and ending the reader thread
         self._reader: threading.Thread | None = None
-        self._local = threading.local()
+        self._local = _ThreadState()
+        self._channels: weakref.WeakSet[_SideChannel] = weakref.WeakSet()
+        self._channels_ok = is_unix_stream(conn)
         self._closed = False
         self._broken: PipeRPCError | None = None
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
+        self._watch: _PeerWatch | None = None
+        if sentinel is not None:
+            self._watch = _PeerWatch(sentinel, self._channels)
+            weakref.finalize(self, self._watch.stop)
         enlarge_buffers(conn)
         try:
             self._transport.write(self._protocol.greeting())
@@ -172,6 +282,8 @@ class Client(Generic[T]):
                 self._write_lock.release()
         shutdown(self._conn)
         self._break(ClientClosedError("the client was closed"))
+        if self._watch is not None:
+            self._watch.stop()
         got_reader = self._read_lock.acquire(timeout=1.0)
         try:
             self._conn.close()
@@ -191,6 +303,11 @@ class Client(Generic[T]):
     def broken(self) -> PipeRPCError | None:
         """Why the connection is dead, or ``None`` while it works."""
         return self._broken
+
+    @property
+    def peer_ended(self) -> bool:
+        """The server process (``process``) was seen to end; False if it is not known."""
+        return self._watch is not None and self._watch.ended
 
     @property
     def late_replies(self) -> int:
@@ -221,14 +338,52 @@ class Client(Generic[T]):
         if timeout is DEFAULT:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        state = self._local
+        channel = state.channel
+        if channel is None and state.contended and self._channels_ok:
+            channel = self._open_channel(state, deadline)
+            if self._broken is not None:
+                raise fresh_error(self._broken)
         slot = _Slot()
         call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
+        if channel is not None:
+            channel.transport.set_blocking(deadline is None)
+            try:
+                channel.transport.write(frame, deadline)
+            except PeerGone as exc:
+                self._gone(str(exc))
+            except WriteTimeout:  # the channel is no longer framed: drop it, keep the client
+                state.channel = None
+                channel.close()
+                self._protocol.abandon(call_id)
+                raise CallTimeoutError(f"{method}() timed out after {timeout} s sending") from None
+            self._read_for(slot, call_id, deadline, channel.transport)
+        elif not self._exchange(slot, call_id, frame, deadline):
+            raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
+        if slot.ok:
+            return slot.value
+        if not slot.done:
+            raise CallTimeoutError(f"{method}() timed out after {timeout} s")
+        raise slot.value
+
+    def _exchange(
+        self,
+        slot: _Slot,
+        call_id: int,
+        frame: list[Any],
+        deadline: float | None,
+        fds: list[int] | None = None,
+    ) -> bool:
+        """Send a registered call's frame on the pipe and wait for its outcome.
+
+        False: the deadline passed before the frame could be sent (the call is abandoned).
+        """
         left = remaining(deadline)
         if not self._write_lock.acquire(timeout=-1 if left is None else left):
             self._protocol.abandon(call_id)
-            raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
+            return False
         try:
-            self._transport.write(frame, deadline)
+            self._transport.write(frame, deadline, fds or ())
         except PeerGone as exc:
             self._break(self._lost(str(exc)))
         except WriteTimeout:
@@ -236,11 +391,45 @@ class Client(Generic[T]):
         finally:
             self._write_lock.release()
         self._wait(slot, call_id, deadline)
-        if slot.ok:
-            return slot.value
-        if not slot.done:
-            raise CallTimeoutError(f"{method}() timed out after {timeout} s")
-        raise slot.value
+        return True
+
+    def _open_channel(self, state: _ThreadState, deadline: float | None) -> _SideChannel | None:
+        """Give this thread a side channel; ``None`` if it cannot have one now.
+
+        Two exchanges on the pipe: ``OpenChannel`` (the server gets ready to take a
+        descriptor), then ``Channel`` with one end of a new socket pair. A refusal
+        turns side channels off for this client; a timeout gives up for this call.
+        """
+        state.contended = False
+        if len(self._channels) >= MAX_CHANNELS or not self._request(OpenChannel, deadline):
+            return None
+        ours, theirs = socket.socketpair()
+        try:
+            granted = self._request(Channel, deadline, [theirs.fileno()])
+        finally:
+            theirs.close()
+        if not granted:
+            ours.close()
+            return None
+        enlarge_buffers(ours)
+        channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
+        self._channels.add(channel)
+        state.channel = channel
+        return channel
+
+    def _request(
+        self,
+        kind: type[OpenChannel | Channel],
+        deadline: float | None,
+        fds: list[int] | None = None,
+    ) -> bool:
+        """Ask the server machinery for something; True if it granted it."""
+        slot = _Slot()
+        call_id, frame = self._protocol.send_request(kind, slot)
+        self._exchange(slot, call_id, frame, deadline, fds)
+        if slot.done and not slot.ok and self._broken is None:
+            self._channels_ok = False  # refused: the server cannot take side channels
+        return slot.ok
 
     def _wait(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
         """Return when the slot is done, or its deadline passed and the call was abandoned."""
@@ -253,6 +442,7 @@ class Client(Generic[T]):
         # Publish before looking for a reader: a reader that reads after this line wakes us,
         # and so does one that ends after it.
         slot.waiter = self._thread_waiter()
+        self._local.contended = True
         while not slot.done:
             if self._reader is None:
                 self._start_reader()
@@ -263,15 +453,19 @@ class Client(Generic[T]):
                 left = 0.01  # its reply is being handed over right now
             slot.waiter.acquire(True, -1 if left is None else left)
 
-    def _read_for(self, slot: _Slot, call_id: int, deadline: float | None) -> None:
-        """As the lone reader, read until ``slot`` is done or its deadline passed (abandoned)."""
+    def _read_for(
+        self, slot: _Slot, call_id: int, deadline: float | None, transport: Transport | None = None
+    ) -> None:
+        """As the lone reader of the pipe (or of a side channel, ``transport``), read until
+        ``slot`` is done or its deadline passed (abandoned)."""
+        transport = transport or self._transport
         while not slot.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 if self._protocol.abandon(call_id):
                     return
                 left = 0.01  # its outcome is being handed over right now
-            self._read_once(left, len(self._protocol.pending) < 2)
+            self._read_once(left, len(self._protocol.pending) < 2, transport)
 
     def _start_reader(self) -> None:
         """Make sure the reader thread runs (callers sleep; it reads for all)."""
@@ -311,21 +505,24 @@ class Client(Generic[T]):
             # A call may have come while this thread decided to end: wake it to read.
             self._wake_all()
 
-    def _read_once(self, timeout: float | None, spin: bool = False) -> None:
+    def _read_once(
+        self, timeout: float | None, spin: bool = False, transport: Transport | None = None
+    ) -> None:
         """Read and hand out what comes within ``timeout``; a dead connection breaks the client.
 
-        Owners are woken after the whole read is handed out.
+        ``transport``: a side channel instead of the pipe. Owners are woken after the
+        whole read is handed out.
         """
         woken: list[Any] = []
         try:
-            for body in self._transport.read(timeout, spin):
+            for body in (transport or self._transport).read(timeout, spin):
                 got = self._protocol.receive(body)
                 if got is not None:
                     waiter = self._deliver(*got)
                     if waiter is not None:
                         woken.append(waiter)
         except PeerGone as exc:
-            self._break(self._lost(str(exc)))
+            self._gone(str(exc))
         except StartupFailedSignal as signal:
             error = signal.message.error
             failure = StartupError(
@@ -368,12 +565,11 @@ class Client(Generic[T]):
                 _signal(waiter)
 
     def _thread_waiter(self) -> Any:
-        try:
-            return self._local.waiter
-        except AttributeError:
-            waiter = self._local.waiter = threading.Lock()
-            waiter.acquire()
-            return waiter
+        state = self._local
+        if state.waiter is None:
+            state.waiter = threading.Lock()
+            state.waiter.acquire()
+        return state.waiter
 
     # -- failure ------------------------------------------------------------
 
@@ -382,10 +578,16 @@ class Client(Generic[T]):
         if self._broken is None and not self._closed:
             self._break(self._lost(reason))
 
+    def _gone(self, reason: str) -> None:
+        """The pipe or a side channel ended: the connection is dead."""
+        self._break(self._broken if self._broken is not None else self._lost(reason))
+
     def _break(self, error: PipeRPCError) -> None:
         """The connection is dead: every pending call and every later call gets ``error``."""
         if self._broken is None:
             self._broken = error
+            for channel in list(self._channels):  # wake the threads reading their own
+                shutdown(channel)
         pending = self._protocol.pending
         while pending:
             try:

@@ -41,10 +41,12 @@ from ._messages import (
     HELLO_MAGIC,
     PROTOCOL_VERSION,
     Call,
+    Channel,
     Fail,
     FailKind,
     Hello,
     Message,
+    OpenChannel,
     Raise,
     Return,
     Shutdown,
@@ -224,6 +226,10 @@ class Codec:
         if isinstance(message, Hello):
             payload = HELLO_MAGIC + _HELLO.pack(message.version, message.pid)
             return _frame(Tag.HELLO, 0, payload, [])
+        if isinstance(message, OpenChannel):
+            return _frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
+        if isinstance(message, Channel):
+            return _frame(Tag.CHANNEL, message.call_id, b"", [])
         return _frame(Tag.SHUTDOWN, 0, b"", [])
 
     def encode_call(
@@ -307,6 +313,10 @@ class Codec:
             return _decode_hello(payload)
         if raw_tag == Tag.SHUTDOWN:
             return Shutdown()
+        if raw_tag == Tag.OPEN_CHANNEL:
+            return OpenChannel(call_id)
+        if raw_tag == Tag.CHANNEL:
+            return Channel(call_id)
         raise ProtocolError(f"unknown frame tag {raw_tag}")
 
     def _loads(

@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 #: Bumped whenever the frame layout or a payload shape changes.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: The first bytes of every hello payload, so a peer that is not pipe_rpc is spotted at once.
 HELLO_MAGIC = b"pipe_rpc"
@@ -27,6 +27,8 @@ class Tag(enum.IntEnum):
     FAIL = 5
     STARTUP_FAILED = 6
     SHUTDOWN = 7
+    OPEN_CHANNEL = 8
+    CHANNEL = 9
 
 
 class FailKind(enum.IntEnum):
@@ -34,6 +36,7 @@ class FailKind(enum.IntEnum):
 
     METHOD_NOT_FOUND = 1
     SERIALIZATION = 2
+    NO_CHANNEL = 3
 
 
 class _Record:
@@ -136,4 +139,27 @@ class Shutdown(_Record):
     __slots__ = ()
 
 
-Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown
+class OpenChannel(_Record):
+    """The client asks to send a side channel: the server answers ``Return`` when it can
+    take a descriptor with the next ``Channel`` frame, or ``Fail`` (``NO_CHANNEL``)."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
+class Channel(_Record):
+    """This frame carries a socket (``SCM_RIGHTS``): one client thread's own connection.
+
+    The server answers ``Return`` once it serves the socket, or ``Fail``
+    (``NO_CHANNEL``) if no descriptor came with the frame.
+    """
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
+Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown | OpenChannel | Channel

@@ -28,7 +28,14 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
-from ._client import DEFAULT, Client, Proxy, check_timeout, fresh_error
+from ._client import (
+    DEFAULT,
+    Client,
+    Proxy,
+    check_timeout,
+    close_inherited_channels,
+    fresh_error,
+)
 from ._codec import Codec
 from ._errors import (
     CallTimeoutError,
@@ -94,6 +101,7 @@ def _child_main(
     for end in list(_PARENT_ENDS):
         if end is not conn:
             end.close()
+    close_inherited_channels()
     _watch_parent(parent_pid)
     try:
         if limits is not None:
@@ -166,13 +174,21 @@ class _GuardedProcess:
     ``Popen.poll`` under ``forkserver`` reads the exit status from the sentinel
     once; a second thread reading at the same time finds end of file and
     records 255. One lock around ``exitcode``, ``join`` and ``close`` prevents it.
+
+    Where the platform has them, ``sentinel`` is a pidfd, readable once the
+    process has ended. ``multiprocessing``'s own sentinel is a pipe that the
+    child's forked children inherit: while one of them lives, it never fires.
     """
 
     def __init__(self, process: BaseProcess) -> None:
         self._process = process
         self._lock = threading.Lock()
         self.pid = process.pid
-        self.sentinel = process.sentinel
+        try:
+            self._pidfd: int | None = os.pidfd_open(process.pid)  # type: ignore[arg-type]
+        except (AttributeError, OSError):  # not Linux, or a kernel older than 5.3
+            self._pidfd = None
+        self.sentinel = process.sentinel if self._pidfd is None else self._pidfd
 
     @property
     def exitcode(self) -> int | None:
@@ -180,12 +196,26 @@ class _GuardedProcess:
             return self._process.exitcode
 
     def join(self, timeout: float | None = None) -> None:
+        if self._pidfd is None:
+            with self._lock:
+                self._process.join(timeout)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = select.poll()
+        poll.register(self._pidfd, select.POLLIN)
+        if not poll.poll(None if timeout is None else timeout * 1000):
+            return
         with self._lock:
-            self._process.join(timeout)
+            if self._process.exitcode is None:  # forkserver: its server reports the status
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._process.join(left)
 
     def close(self) -> None:
         with self._lock:
             self._process.close()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
 
 
 class _Child:
@@ -197,10 +227,11 @@ class _Child:
         self.pid = cast(int, process.pid)
         self.exitcode: int | None = None
         self.owner = os.getpid()
+        self.ended = False  # has_ended() saw it end
         self._local = threading.local()
 
     def sentinel_fired(self) -> bool:
-        """The cheap check for the call path (a client that saw the death is broken anyway)."""
+        """Has the process ended? One ``poll`` of its sentinel."""
         # A poll object per thread: one select.poll may not be polled by two threads at once.
         poll: select.poll | None = getattr(self._local, "poll", None)
         if poll is None:
@@ -209,7 +240,8 @@ class _Child:
         return bool(poll.poll(0))
 
     def has_ended(self) -> bool:
-        if self.exitcode is not None or self.sentinel_fired():
+        if self.ended or self.exitcode is not None or self.sentinel_fired():
+            self.ended = True  # the next call takes the slow path, whatever the watcher saw yet
             return True
         # Under forkserver the sentinel carries the exit status; once a join has read
         # it the sentinel may look quiet, but the process object remembers the code.
@@ -374,7 +406,8 @@ class Server(Generic[T]):
             child is not None
             and child.client.broken is None
             and not handle.closed
-            and (not self._restart_on_failure or not child.sentinel_fired())
+            and not child.ended
+            and not child.client.peer_ended
         ):
             return child
         with handle.lock:

@@ -22,6 +22,17 @@ any order. A payload that will not unpickle fails its own call
 not a frame at all, an unknown tag or a reply to an id never sent breaks the
 connection (``ProtocolError``).
 
+Side channels. Threads that call at the same time each get a connection of
+their own, so that the kernel wakes each caller when its reply comes, with no
+thread in between. A thread asks on the pipe (``OpenChannel``, with a call id
+like any call); the server answers once it reads the pipe in a way that keeps
+passed descriptors (``recvmsg``), and the client then sends one end of a new
+socket pair with a ``Channel`` frame (``SCM_RIGHTS``), which the server
+answers once it serves that socket. A side channel carries calls and replies
+exactly as the pipe does, with no hello of its own; call ids stay unique
+across all of a client's channels. The pipe alone carries the hellos, the
+requests for channels and ``Shutdown``.
+
 ``FrameReader`` cuts the stream into frame bodies. Large frames are read in
 place: once their length is known, ``read_target()`` hands the I/O layer the
 rest of a buffer of exactly that size to read into, so big payloads are not
@@ -39,7 +50,19 @@ from typing import Any, Generic, TypeVar
 
 from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
-from ._messages import Call, Fail, FailKind, Hello, Message, Raise, Return, Shutdown, StartupFailed
+from ._messages import (
+    Call,
+    Channel,
+    Fail,
+    FailKind,
+    Hello,
+    Message,
+    OpenChannel,
+    Raise,
+    Return,
+    Shutdown,
+    StartupFailed,
+)
 
 S = TypeVar("S")
 
@@ -50,6 +73,8 @@ _LONG = struct.Struct("!Q")
 BIG_FRAME = 1 << 20
 #: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
 SPARE_MAX = 4 << 20
+#: How many side channels (one per calling thread) a client opens and a server takes.
+MAX_CHANNELS = 32
 
 
 class FrameTooLargeError(ProtocolError):
@@ -203,6 +228,13 @@ class ClientProtocol(Generic[S]):
         self.pending[call_id] = slot
         return call_id, frame
 
+    def send_request(self, kind: type[OpenChannel | Channel], slot: S) -> tuple[int, list[Buffer]]:
+        """Register a request to the server machinery itself; return its id and frame."""
+        call_id = next(self._ids)
+        frame = self.codec.encode(kind(call_id))
+        self.pending[call_id] = slot
+        return call_id, frame
+
     def abandon(self, call_id: int) -> bool:
         """Give up on a call; False if its reply was already taken (it has an outcome)."""
         return self.pending.pop(call_id, None) is not None
@@ -272,22 +304,29 @@ def fail_error(message: Fail) -> Exception:
     """The caller's exception for a ``Fail`` reply."""
     if message.kind == FailKind.METHOD_NOT_FOUND:
         return MethodNotFoundError(message.message)
+    if message.kind == FailKind.NO_CHANNEL:
+        return ProtocolError(message.message)
     return SerializationError(message.message)
 
 
 class ServerProtocol:
-    """The server end: checks the client's hello, decodes calls, encodes replies."""
+    """The server end: checks the client's hello, decodes calls, encodes replies.
 
-    def __init__(self, codec: Codec | None = None) -> None:
+    Args:
+        codec: shared with the other channels of the same client.
+        peer: the client's hello, for a side channel (its hello came on the pipe).
+    """
+
+    def __init__(self, codec: Codec | None = None, peer: Hello | None = None) -> None:
         self.codec = codec or Codec()
-        self.peer: Hello | None = None
+        self.peer = peer
 
     def greeting(self) -> list[Buffer]:
         """The frame to send before anything else."""
         return self.codec.encode(hello())
 
-    def receive(self, body: Body) -> Call | Shutdown | Fail | None:
-        """Take one frame body: a call to run, a shutdown, a ``Fail`` to send back, or nothing.
+    def receive(self, body: Body) -> Call | Shutdown | Fail | OpenChannel | Channel | None:
+        """Take one frame body: a call to run, a request, a ``Fail`` to send back, or nothing.
 
         Raises:
             ProtocolError: the peer broke the protocol; stop serving.
@@ -314,7 +353,7 @@ class ServerProtocol:
                 )
             self.peer = message
             return None
-        if isinstance(message, Call | Shutdown):
+        if isinstance(message, Call | Shutdown | OpenChannel | Channel):
             return message
         raise ProtocolError(f"a server does not accept {type(message).__name__} messages")
 

@@ -3,22 +3,37 @@
 One thread reads requests. With ``max_concurrency=1`` it runs each call itself,
 in arrival order, and writes the replies of everything it read in one go
 (fewer system calls when a client pipelines). With ``N > 1`` calls run on a
-pool of N threads and each writes its own reply under the write lock.
+pool of N threads and each writes its own reply under its channel's lock.
+
+Besides the pipe, the loop serves the side channels the client sends it (one
+per calling thread, see ``_protocol``): it then waits on all of them at once,
+and answers each call on the channel it came by. A side channel that reaches
+end of file is dropped; the pipe's end of file ends the loop.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._codec import Buffer
-from ._errors import MethodNotFoundError
-from ._messages import Call, Fail, FailKind, Shutdown
-from ._protocol import ServerProtocol
-from ._transport import PeerGone, Transport, enlarge_buffers
+from ._codec import Body, Buffer
+from ._errors import MethodNotFoundError, ProtocolError
+from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
+from ._messages import Channel as ChannelFrame
+from ._protocol import MAX_CHANNELS, ServerProtocol
+from ._transport import (
+    HasFileno,
+    PeerGone,
+    Poller,
+    Transport,
+    enlarge_buffers,
+    is_unix_stream,
+)
 
 #: A serial call that ran longer than this flushes replies held for batching.
 _FLUSH_AFTER = 0.001
@@ -121,13 +136,39 @@ def check_max_concurrency(max_concurrency: int) -> None:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
 
 
+class _Channel:
+    """The server's end of one connection: the pipe, or a side channel it was sent."""
+
+    def __init__(
+        self, conn: HasFileno, protocol: ServerProtocol, sock: socket.socket | None
+    ) -> None:
+        self.transport = Transport(conn)
+        self.protocol = protocol
+        self.sock = sock  # a side channel's own socket, closed when it is dropped
+        self.lock = threading.Lock()  # pool threads write replies under it
+        self.closed = False
+
+    def send(self, segments: list[Buffer]) -> None:
+        with self.lock:
+            if not self.closed:
+                self.transport.write(segments)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            if self.sock is not None:
+                self.sock.close()
+
+
 class _Loop:
     def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
-        self.protocol = ServerProtocol()
         self.dispatcher = Dispatcher(service)
-        self.transport = Transport(conn)
+        self.main = _Channel(conn, ServerProtocol(), None)
         enlarge_buffers(conn)
-        self.write_lock = threading.Lock()
+        self.side: dict[int, _Channel] = {}  # by descriptor
+        self.poller: Poller | None = None  # once there are side channels
+        self.takes_channels = is_unix_stream(conn)
+        self.awaited = 0  # channels granted whose descriptor has not come yet
         self.pool = None
         if max_concurrency > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -136,7 +177,7 @@ class _Loop:
 
     def run(self) -> None:
         try:
-            self.send(self.protocol.greeting())
+            self.main.send(self.main.protocol.greeting())
             while self.step():
                 pass
         except PeerGone:
@@ -144,56 +185,144 @@ class _Loop:
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
+            for channel in self.side.values():
+                channel.close()
+            for fd in self.main.transport.fds or ():
+                os.close(fd)
 
     def step(self) -> bool:
         """Read once and answer what came; False once the peer is done."""
-        bodies = self.transport.read_blocking()
+        if self.poller is None:  # the pipe alone
+            return self.answer(self.main, self.main.transport.read_blocking())
+        for transport in self.poller.wait():
+            channel = self.side.get(transport.fd, self.main)
+            try:
+                bodies = transport.read_available()
+            except PeerGone:
+                if channel is self.main:
+                    return False
+                self.drop(channel)
+                continue
+            if bodies and not self.answer(channel, bodies):
+                return False
+        return True
+
+    def answer(self, channel: _Channel, bodies: list[Body]) -> bool:
+        """Answer the frames that came on ``channel``; False on ``Shutdown``.
+
+        A side channel whose client end is gone is dropped; the pipe's end stops the loop.
+        """
+        try:
+            return self._answer(channel, bodies)
+        except PeerGone:
+            if channel is self.main:
+                raise
+            self.drop(channel)
+            return True
+
+    def _answer(self, channel: _Channel, bodies: list[Body]) -> bool:
+        protocol = channel.protocol
         if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
-            message = self.protocol.receive(bodies[0])
-            if type(message) is Call:
+            message = protocol.receive(bodies[0])
+            if isinstance(message, Call):
                 ok, value = self.dispatcher.run(message)
                 # One thread writes when there is no pool: no lock needed.
-                self.transport.write(self.protocol.reply(message.call_id, ok, value))
+                channel.transport.write(protocol.reply(message.call_id, ok, value))
+                return True
+            if message is None:
                 return True
             if isinstance(message, Shutdown):
                 return False
-            if isinstance(message, Fail):
-                self.send(self.protocol.reply(message.call_id, False, message))
+            channel.send(self.request(channel, message))
             return True
         out: list[Buffer] = []
         try:
             for body in bodies:
-                message = self.protocol.receive(body)
+                message = protocol.receive(body)
                 if message is None:
                     continue
-                if isinstance(message, Shutdown):
-                    return False
-                if isinstance(message, Fail):
-                    out += self.protocol.reply(message.call_id, False, message)
-                elif self.pool is not None:
-                    self.pool.submit(self.run_and_reply, message)
-                else:
+                if isinstance(message, Call):
+                    if self.pool is not None:
+                        self.pool.submit(self.run_and_reply, channel, message)
+                        continue
                     started = time.perf_counter()
                     ok, value = self.dispatcher.run(message)
-                    out += self.protocol.reply(message.call_id, ok, value)
+                    out += protocol.reply(message.call_id, ok, value)
                     del value
                     if time.perf_counter() - started > _FLUSH_AFTER:
-                        self.send(out)
+                        channel.send(out)
                         out = []
+                elif isinstance(message, Shutdown):
+                    return False
+                else:
+                    out += self.request(channel, message)
         finally:
             if out:
-                self.send(out)
+                channel.send(out)
         return True
 
-    def run_and_reply(self, call: Call) -> None:
+    def request(
+        self, channel: _Channel, message: Fail | OpenChannel | ChannelFrame
+    ) -> list[Buffer]:
+        """The reply to a frame that is not a call."""
+        protocol = channel.protocol
+        if isinstance(message, Fail):
+            return protocol.reply(message.call_id, False, message)
+        if channel is not self.main:
+            raise ProtocolError(f"{type(message).__name__} came on a side channel")
+        transport = self.main.transport
+        if isinstance(message, OpenChannel):
+            if not self.takes_channels:
+                return self.refuse(message.call_id, "the pipe cannot pass descriptors")
+            if len(self.side) + self.awaited >= MAX_CHANNELS:
+                return self.refuse(message.call_id, f"{MAX_CHANNELS} side channels are open")
+            self.awaited += 1
+            if transport.fds is None:
+                transport.fds = []
+            return protocol.reply(message.call_id, True, None)
+        fds = transport.fds or []
+        if not fds:
+            return self.refuse(message.call_id, "no descriptor came with the channel frame")
+        fd = fds.pop(0)
+        self.awaited = max(0, self.awaited - 1)
+        if not self.awaited:
+            for stray in fds:
+                os.close(stray)
+            transport.fds = None
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            return self.refuse(message.call_id, f"the descriptor is not a socket: {exc}")
+        if not is_unix_stream(sock):
+            sock.close()
+            return self.refuse(message.call_id, "the descriptor is not a Unix stream socket")
+        enlarge_buffers(sock)
+        side = _Channel(sock, ServerProtocol(protocol.codec, peer=protocol.peer), sock)
+        self.side[side.transport.fd] = side
+        if self.poller is None:
+            self.poller = Poller()
+            self.poller.add(self.main.transport)
+        self.poller.add(side.transport)
+        return protocol.reply(message.call_id, True, None)
+
+    def refuse(self, call_id: int, reason: str) -> list[Buffer]:
+        return self.main.protocol.codec.encode(Fail(call_id, FailKind.NO_CHANNEL, reason))
+
+    def drop(self, channel: _Channel) -> None:
+        """Stop serving a side channel (its client thread is gone)."""
+        assert self.poller is not None
+        self.poller.remove(channel.transport)
+        del self.side[channel.transport.fd]
+        channel.close()
+        if not self.side:
+            self.poller = None
+
+    def run_and_reply(self, channel: _Channel, call: Call) -> None:
         ok, value = self.dispatcher.run(call)
-        frame = self.protocol.reply(call.call_id, ok, value)
+        frame = channel.protocol.reply(call.call_id, ok, value)
         del value
         try:
-            self.send(frame)
+            channel.send(frame)
         except PeerGone:
             pass
-
-    def send(self, segments: list[Buffer]) -> None:
-        with self.write_lock:
-            self.transport.write(segments)

@@ -20,13 +20,14 @@ environment variable is ``0``.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import select
 import socket
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
+from typing import Protocol
 
 from ._codec import Body, Buffer
 from ._protocol import FrameReader
@@ -35,6 +36,10 @@ _READ_SIZE = 1 << 16
 _IN = select.POLLIN | select.POLLPRI
 _BAD = select.POLLERR | select.POLLNVAL
 _SOCKET_BUFFER = 1 << 22
+#: Room for this many descriptors in one ``recvmsg``.
+_MAX_FDS = 16
+_FDS_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def _spin_seconds() -> float:
@@ -62,7 +67,25 @@ class WriteTimeout(Exception):
     """The deadline passed while a frame was half written; the stream is no longer framed."""
 
 
-def enlarge_buffers(conn: Connection) -> None:
+class HasFileno(Protocol):
+    """A ``Connection`` or a ``socket.socket``."""
+
+    def fileno(self) -> int: ...
+
+
+def is_unix_stream(conn: HasFileno) -> bool:
+    """Is ``conn`` a Unix stream socket (one that can pass descriptors)?"""
+    try:
+        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
+    except OSError:
+        return False
+    try:
+        return sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+    finally:
+        sock.detach()
+
+
+def enlarge_buffers(conn: HasFileno) -> None:
     """Ask for larger socket buffers (fewer wake-ups for big payloads); harmless if refused."""
     try:
         sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
@@ -78,7 +101,7 @@ def enlarge_buffers(conn: Connection) -> None:
         sock.detach()
 
 
-def shutdown(conn: Connection) -> None:
+def shutdown(conn: HasFileno) -> None:
     """Shut the socket down both ways: wakes a thread polling it and tells the peer."""
     try:
         sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -98,24 +121,68 @@ def remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
+class Poller:
+    """Waits on several transports at once: a server's pipe and its side channels.
+
+    It spins before it sleeps as ``Transport.read`` does, and on the same terms.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._by_fd: dict[int, Transport] = {}
+        self._spin_ns = int(SPIN_SECONDS * 1e9)
+        self._spin_next = False
+
+    def add(self, transport: Transport) -> None:
+        self._by_fd[transport.fd] = transport
+        self._poll.register(transport.fd, _IN)
+
+    def remove(self, transport: Transport) -> None:
+        if self._by_fd.pop(transport.fd, None) is not None:
+            self._poll.unregister(transport.fd)
+
+    def wait(self) -> list[Transport]:
+        """Wait with no deadline until some transports are readable (or at end of file)."""
+        poll = self._poll.poll
+        events: list[tuple[int, int]] = []
+        if self._spin_next:
+            clock = time.perf_counter_ns
+            end = clock() + self._spin_ns
+            while True:
+                events = poll(0)
+                if events or clock() >= end:
+                    break
+        if not events:
+            events = poll()
+            if self._spin_ns:
+                sent = max(t._sent_ns for t in self._by_fd.values())
+                self._spin_next = time.perf_counter_ns() - sent < self._spin_ns
+        return [self._by_fd[fd] for fd, _ in events]
+
+
 class Transport:
     """Frames over one descriptor, with deadlines and a peer sentinel.
 
     Args:
-        conn: one end of a duplex ``multiprocessing.Pipe``.
+        conn: one end of a duplex ``multiprocessing.Pipe``, or a side channel's socket.
         sentinel: a descriptor that becomes readable when the peer process ends.
         max_frame: refuse frames longer than this (``ProtocolError``).
+
+    While ``fds`` is a list, reads keep the descriptors passed with the bytes
+    (``SCM_RIGHTS``) and append them to it; otherwise the kernel drops them.
     """
 
     def __init__(
         self,
-        conn: Connection,
+        conn: HasFileno,
         *,
         sentinel: int | None = None,
         max_frame: int | None = None,
     ) -> None:
-        self.conn = conn
         self.fd = conn.fileno()
+        self.blocking = False
+        self.fds: list[int] | None = None
+        self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
         self.reader = FrameReader(max_frame)
         self.sentinel = sentinel
         self._spin_ns = int(SPIN_SECONDS * 1e9)
@@ -127,8 +194,10 @@ class Transport:
         if sentinel is not None:
             self._poll.register(sentinel, _IN)
 
-    def write(self, segments: Sequence[Buffer], deadline: float | None = None) -> None:
-        """Write one or more frames whole.
+    def write(
+        self, segments: Sequence[Buffer], deadline: float | None = None, fds: Sequence[int] = ()
+    ) -> None:
+        """Write one or more frames whole; ``fds`` go with the first byte (``SCM_RIGHTS``).
 
         Raises:
             PeerGone: the peer closed its end.
@@ -136,6 +205,9 @@ class Transport:
         """
         fd = self.fd
         self._sent_ns = time.perf_counter_ns()
+        if fds:
+            self._write_rest(segments, self._send_fds(segments, fds, deadline), deadline)
+            return
         if len(segments) == 1:
             data = segments[0]
             try:
@@ -169,6 +241,25 @@ class Transport:
                 raise PeerGone(str(exc)) from exc
             self._wait_writable(deadline)
 
+    def _send_fds(
+        self, segments: Sequence[Buffer], fds: Sequence[int], deadline: float | None
+    ) -> int:
+        """Send the start of ``segments`` with ``fds`` attached; return how many bytes went."""
+        sock = socket.socket(fileno=self.fd)  # borrowed: detached below, never closed
+        try:
+            while True:
+                try:
+                    return sock.sendmsg(
+                        [memoryview(segments[0]).cast("B")],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    )
+                except BlockingIOError:
+                    self._wait_writable(deadline)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise PeerGone(str(exc)) from exc
+        finally:
+            sock.detach()
+
     def _wait_writable(self, deadline: float | None) -> None:
         poll = select.poll()
         poll.register(self.fd, select.POLLOUT)
@@ -182,6 +273,17 @@ class Transport:
             if fd == self.sentinel:
                 raise PeerGone("peer process ended")
 
+    def set_blocking(self, blocking: bool) -> None:
+        """Switch the descriptor's mode (a system call only when it changes).
+
+        In blocking mode ``read(None)`` sleeps in ``read`` itself, one system call
+        where a poll and a read are two, but it does not watch the sentinel: the
+        caller must make sure the peer's death ends the wait (``shutdown``).
+        """
+        if blocking != self.blocking:
+            os.set_blocking(self.fd, blocking)
+            self.blocking = blocking
+
     def read(self, timeout: float | None, spin: bool = True) -> list[Body]:
         """Wait up to ``timeout`` seconds (``None``: no bound) and return the frames that came.
 
@@ -191,6 +293,8 @@ class Transport:
             PeerGone: end of file, a reset, or the peer's sentinel fired with nothing left to read.
             ProtocolError: the stream broke the framing.
         """
+        if self.blocking and timeout is None:
+            return self._read_blocking_mode()
         if spin and self._spin_next:
             frames = self._spin(timeout)
             if frames:
@@ -235,6 +339,8 @@ class Transport:
         """Read what is there without waiting; raise PeerGone at end of file."""
         reader = self.reader
         fd = self.fd
+        if self.fds is not None and reader.read_target() is None:
+            return self._read_keeping_fds()
         if reader.idle:  # the common case: one small read
             try:
                 data = os.read(fd, _READ_SIZE)
@@ -275,6 +381,59 @@ class Transport:
             frames.extend(reader.feed(data))
             if len(data) < _READ_SIZE and reader.read_target() is None:
                 return frames
+
+    def _read_blocking_mode(self) -> list[Body]:
+        """Sleep in ``read`` until at least one whole frame has come (blocking mode)."""
+        reader = self.reader
+        fd = self.fd
+        while True:
+            target = reader.read_target()
+            try:
+                if target is not None:  # a big frame: read it in place
+                    count = os.readv(fd, [target])
+                    if count == 0:
+                        raise PeerGone("end of file in the middle of a frame")
+                    frames = reader.filled(count)
+                else:
+                    data = os.read(fd, _READ_SIZE)
+                    if not data:
+                        raise PeerGone("end of file")
+                    frames = reader.feed(data)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise PeerGone(str(exc)) from exc
+            if frames:
+                return frames
+
+    def _read_keeping_fds(self) -> list[Body]:
+        """``read_available`` with ``recvmsg``: passed descriptors go to ``self.fds``."""
+        assert self.fds is not None
+        sock = socket.socket(fileno=self.fd)  # borrowed: detached below, never closed
+        frames: list[Body] = []
+        try:
+            while True:
+                try:
+                    data, ancillary, flags, _ = sock.recvmsg(_READ_SIZE, _FDS_SPACE, _CLOEXEC)
+                except BlockingIOError:
+                    return frames
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    raise PeerGone(str(exc)) from exc
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        passed = array.array("i")
+                        passed.frombytes(payload[: len(payload) - len(payload) % passed.itemsize])
+                        for fd in passed:
+                            os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC is missing
+                        self.fds.extend(passed)
+                if flags & socket.MSG_CTRUNC:
+                    self.fds_lost = True
+                if not data:
+                    raise PeerGone("end of file")
+                frames.extend(self.reader.feed(data))
+                if self.reader.read_target() is not None:  # a big frame: read it in place
+                    frames.extend(self.read_available())
+                    return frames
+        finally:
+            sock.detach()
 
     def read_blocking(self) -> list[Body]:
         """Wait with no deadline until at least one whole frame has come."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import sys
@@ -107,6 +108,48 @@ class CalcService:
         barrier = self.__dict__.setdefault("_barrier", threading.Barrier(4, timeout=10))
         barrier.wait()
         return True
+
+    def meet(self, parties: int) -> bool:
+        """Return once ``parties`` calls are in here at once (else BrokenBarrierError)."""
+        barriers = self.__dict__.setdefault("_meetings", {})
+        barrier = barriers.setdefault(parties, threading.Barrier(parties, timeout=10))
+        barrier.wait()
+        return True
+
+    def side_channels(self) -> int:
+        """How many side channels this child's server loop serves now."""
+        from pipe_rpc._server import _Loop
+
+        (loop,) = [obj for obj in gc.get_objects() if isinstance(obj, _Loop)]
+        return len(loop.side)
+
+    def socket_inodes(self) -> set[int]:
+        """The inode numbers of the sockets this process has open."""
+        inodes = set()
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    inodes.add(os.fstat(int(name)).st_ino)
+            except OSError:
+                pass
+        return inodes
+
+    def use_every_descriptor(self) -> int:
+        """Open descriptors until the limit is reached and keep them; how many were opened."""
+        held = self.__dict__.setdefault("_held", [])
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                return len(held)
+
+    def fork_sleeper(self, seconds: float) -> int:
+        """Fork a grandchild that keeps every descriptor of this process for ``seconds``."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the grandchild)
+            time.sleep(seconds)
+            os._exit(0)
+        return pid
 
     def imported(self, module: str) -> bool:
         return module in sys.modules

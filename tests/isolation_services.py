@@ -256,12 +256,12 @@ class Hostile:
         return bytes(size)
 
     def send_raw(self, data: bytes) -> None:
-        """Write ``data`` to the parent as is (it need not even be a frame)."""
-        _server_loop().send([data])
+        """Write ``data`` to the parent on the pipe as is (it need not even be a frame)."""
+        _server_loop().main.send([data])
 
     def send_reply(self, tag: int, payload: bytes) -> Any:
         """Answer this very call with a frame of ``tag`` carrying a hand-written ``payload``."""
-        _server_loop().send([frame_bytes(tag, _current_call_id(), payload)])
+        _server_loop().main.send([frame_bytes(tag, _current_call_id(), payload)])
         # The real reply that follows is never read: the crafted one breaks the connection,
         # or (an exception frame) is taken as this call's answer.
         return None

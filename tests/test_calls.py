@@ -503,3 +503,36 @@ def test_calls_work_with_spinning_off() -> None:
         check=False,
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_grandchild_holding_the_pipe_does_not_hide_the_death(method: str, tmp_path: Path) -> None:
+    """The child's own forked child keeps the pipe and ``multiprocessing``'s sentinel open."""
+    server = pipe_rpc.spawn(CalcService, start_method=method)  # type: ignore[arg-type]
+    with server as calc:
+        calc.fork_sleeper(30)
+        flag = tmp_path / "never"
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                calc.wait_for_path(str(flag), 30)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=wait)
+        caller.start()
+        assert _wait_until(Path(f"{flag}.started").exists, 15)
+        pid = server.pid
+        assert pid is not None
+        killed_at = time.monotonic()
+        os.kill(pid, 9)  # the child alone, not its process group
+        caller.join(15)
+        failed_after = time.monotonic() - killed_at
+        assert not caller.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], pipe_rpc.WorkerDiedError)
+        assert outcome[0].exitcode == -9
+        assert failed_after < 1.0
+        assert server.exitcode == -9

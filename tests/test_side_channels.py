@@ -1,0 +1,336 @@
+"""Side channels: threads that call at the same time each get a socket of their own.
+
+Each test first brings some threads to have side channels (``Workers.channels``),
+checks that they did, and then exercises them for real: replies reach their own
+callers, a child's death or ``close()`` wakes every thread sleeping on one, a
+timeout keeps the channel usable, and a server that cannot take descriptors
+still serves every thread over the pipe. The same threads run every step, since
+a side channel belongs to its thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import pipe_rpc
+from pipe_rpc._client import Client
+from pipe_rpc._protocol import MAX_CHANNELS
+from tests.calc_service import CalcService
+from tests.services import StartMethod
+
+METHODS: list[StartMethod] = ["fork", "forkserver", "spawn"]
+#: The contract's bound for failing the calls of a dead child.
+PROMPTLY = 1.0
+#: How long to wait for something the test brought about.
+SETTLE = 15.0
+
+R = TypeVar("R")
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
+
+
+class Workers:
+    """Long-lived threads that run what they are given, each keeping its side channel."""
+
+    def __init__(self, count: int) -> None:
+        self.inboxes: list[queue.Queue[Callable[[], Any] | None]] = []
+        self.outboxes: list[queue.Queue[tuple[bool, Any, float]]] = []
+        self.threads: list[threading.Thread] = []
+        for _ in range(count):
+            inbox: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+            outbox: queue.Queue[tuple[bool, Any, float]] = queue.Queue()
+            thread = threading.Thread(target=self._run, args=(inbox, outbox), daemon=True)
+            thread.start()
+            self.inboxes.append(inbox)
+            self.outboxes.append(outbox)
+            self.threads.append(thread)
+
+    @staticmethod
+    def _run(
+        inbox: queue.Queue[Callable[[], Any] | None], outbox: queue.Queue[tuple[bool, Any, float]]
+    ) -> None:
+        while (job := inbox.get()) is not None:
+            try:
+                outbox.put((True, job(), time.monotonic()))
+            except BaseException as exc:
+                outbox.put((False, exc, time.monotonic()))
+
+    def submit(self, job: Callable[[int], Any]) -> None:
+        """Give worker ``n`` the job ``job(n)``, for every worker at once."""
+        for n, inbox in enumerate(self.inboxes):
+            inbox.put(lambda n=n: job(n))  # type: ignore[misc]
+
+    def results(self, timeout: float = SETTLE) -> list[tuple[bool, Any, float]]:
+        """Each worker's outcome: (returned, value or exception, when it finished)."""
+        return [outbox.get(timeout=timeout) for outbox in self.outboxes]
+
+    def run(self, job: Callable[[int], R]) -> list[R]:
+        """``job(n)`` in every worker; its results, or the first exception raised."""
+        self.submit(job)
+        outcomes = self.results()
+        for ok, value, _ in outcomes:
+            if not ok:
+                raise value
+        return [value for _, value, _ in outcomes]
+
+    def channels(self, calc: CalcService, client: Client[Any], serial: bool = False) -> int:
+        """Call from all workers at once until each has a side channel; how many there are.
+
+        Every worker but a lone first reader finds the others' calls in flight,
+        and asks for a side channel on its next call. The calls meet in the child
+        (all run at once), or with ``serial`` queue behind each other.
+        """
+        count = len(self.threads)
+        for _ in range(4):
+            if serial:
+                assert self.run(lambda n: calc.sleep_then_return(0.02, n)) == list(range(count))
+            else:
+                assert self.run(lambda n: calc.meet(count)) == [True] * count
+            if len(client._channels) >= min(count, MAX_CHANNELS):
+                break
+        return len(client._channels)
+
+    def stop(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for thread in self.threads:
+            thread.join(SETTLE)
+
+
+def client_of(server: pipe_rpc.Server[Any]) -> Client[Any]:
+    child = server._handle.child
+    assert child is not None
+    return child.client
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    crew = Workers(4)
+    yield crew
+    crew.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SETTLE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_threads_that_call_together_get_side_channels_and_their_own_replies(
+    method: StartMethod, workers: Workers
+) -> None:
+    server = pipe_rpc.spawn(CalcService, start_method=method, max_concurrency=4)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+        assert calc.side_channels() == 4
+
+        def echo_many(n: int) -> bool:
+            for i in range(100):
+                size = (1 << 20) + n if i % 25 == 0 else (i * 997 + n * 13) % 70_000
+                payload = bytes([n]) * size
+                assert calc.echo((n, i, payload)) == (n, i, payload)
+                assert calc.add(n, i) == n + i
+            return True
+
+        assert workers.run(echo_many) == [True] * 4
+        assert len(client_of(server)._channels) == 4  # the same channels all along
+
+
+def test_threads_share_the_pipe_when_the_server_cannot_take_descriptors(
+    workers: Workers,
+) -> None:
+    limits = pipe_rpc.Limits(open_files=64)
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4, limits=limits)
+    with server as calc:
+        assert calc.use_every_descriptor() > 0  # now no descriptor can be received
+        client = client_of(server)
+        assert workers.channels(calc, client) == 0
+        assert not client._channels_ok  # refused once, never asked again
+        assert workers.run(lambda n: [calc.add(n, i) for i in range(200)]) == [
+            [n + i for i in range(200)] for n in range(4)
+        ]
+        assert calc.side_channels() == 0
+
+
+def test_more_threads_than_side_channels_share_the_pipe() -> None:
+    crew = Workers(MAX_CHANNELS + 4)
+    try:
+        server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=MAX_CHANNELS + 4)
+        with server as calc:
+            assert crew.channels(calc, client_of(server)) == MAX_CHANNELS
+            assert crew.run(lambda n: [calc.add(n, i) for i in range(50)]) == [
+                [n + i for i in range(50)] for n in range(MAX_CHANNELS + 4)
+            ]
+            assert calc.side_channels() == MAX_CHANNELS
+    finally:
+        crew.stop()
+
+
+def kill_while_all_wait(
+    server: pipe_rpc.Server[CalcService], workers: Workers, tmp_path: Path
+) -> None:
+    """SIGKILL the child (alone) while every worker waits on its side channel; check each
+    worker got ``WorkerDiedError`` promptly."""
+    calc = server.proxy
+    flags = [tmp_path / f"never-{n}" for n in range(4)]
+    workers.submit(lambda n: calc.wait_for_path(str(flags[n]), 30))
+    wait_until(lambda: all(Path(f"{f}.started").exists() for f in flags), "four calls")
+    pid = server.pid
+    assert pid is not None
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    for ok, error, finished_at in workers.results():
+        assert not ok
+        assert isinstance(error, pipe_rpc.WorkerDiedError), error
+        assert error.exitcode == -signal.SIGKILL
+        assert finished_at - killed_at < PROMPTLY
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_wakes_every_thread_waiting_on_a_side_channel(
+    method: StartMethod, workers: Workers, tmp_path: Path
+) -> None:
+    server = pipe_rpc.spawn(CalcService, start_method=method, max_concurrency=4)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+        kill_while_all_wait(server, workers, tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_grandchild_holding_the_side_channels_does_not_hide_the_death(
+    method: StartMethod, workers: Workers, tmp_path: Path
+) -> None:
+    """The child's own child keeps its ends of every socket open; its death still counts."""
+    server = pipe_rpc.spawn(CalcService, start_method=method, max_concurrency=4)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+        calc.fork_sleeper(30)  # holds the child's ends of the pipe and of every side channel
+        kill_while_all_wait(server, workers, tmp_path)
+    # close() killed the grandchild with the child's process group.
+
+
+def test_close_wakes_every_thread_waiting_on_a_side_channel(
+    workers: Workers, tmp_path: Path
+) -> None:
+    calc = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4)
+    try:
+        assert workers.channels(calc.proxy, client_of(calc)) == 4
+        flags = [tmp_path / f"never-{n}" for n in range(4)]
+        workers.submit(lambda n: calc.proxy.wait_for_path(str(flags[n]), 30))
+        wait_until(lambda: all(Path(f"{f}.started").exists() for f in flags), "four calls")
+        closed_at = time.monotonic()
+        closer = threading.Thread(target=calc.close)
+        closer.start()
+        for ok, error, finished_at in workers.results():
+            assert not ok
+            assert isinstance(error, pipe_rpc.ClientClosedError), error
+            assert finished_at - closed_at < PROMPTLY
+        closer.join(SETTLE)
+        workers.submit(lambda n: calc.proxy.add(1, 2))
+        for ok, error, _ in workers.results():
+            assert not ok
+            assert isinstance(error, pipe_rpc.ClientClosedError), error
+    finally:
+        calc.close()
+
+
+def test_a_timeout_on_a_side_channel_keeps_it_usable(workers: Workers, tmp_path: Path) -> None:
+    """A call that timed out on a side channel: its late reply is dropped, the channel lives.
+
+    The child runs calls one at a time, and answers a channel's calls in order, so
+    each thread's late reply comes just before the reply to its next call.
+    """
+    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    with server as calc:
+        client = client_of(server)
+        assert workers.channels(calc, client, serial=True) == 4
+        quick = pipe_rpc.options(calc, timeout=0.1)
+        flags = [tmp_path / f"go-{n}" for n in range(4)]
+
+        def time_out(n: int) -> str:
+            try:
+                quick.wait_for_path(str(flags[n]), 30)
+            except pipe_rpc.CallTimeoutError:
+                return "timed out"
+            return "answered"
+
+        assert workers.run(time_out) == ["timed out"] * 4
+        for flag in flags:
+            flag.touch()
+        # No deadline (the channel sleeps in read), then a deadline again (it polls).
+        assert workers.run(lambda n: [calc.add(n, 1), quick.add(n, 2)]) == [
+            [n + 1, n + 2] for n in range(4)
+        ]
+        assert client.late_replies == 4
+        assert len(client._channels) == 4
+
+
+def test_a_thread_that_ends_gives_its_side_channel_back(workers: Workers) -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+        workers.stop()
+        gc.collect()
+        wait_until(lambda: calc.side_channels() == 0, "the server to drop the side channels")
+        assert len(client_of(server)._channels) == 0
+        assert calc.add(1, 2) == 3
+
+
+def test_a_forked_child_closes_the_side_channels_it_inherits(workers: Workers) -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4)
+    with server as calc:
+        client = client_of(server)
+        assert workers.channels(calc, client) == 4
+        ours = {os.fstat(channel.fd).st_ino for channel in client._channels}
+        other_server = pipe_rpc.spawn(CalcService, start_method="fork")
+        with other_server as other:
+            assert other.add(1, 2) == 3
+            assert not ours & other.socket_inodes()
+        assert calc.side_channels() == 4
+
+
+def test_an_untrusted_child_serves_side_channels(workers: Workers) -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4, untrusted=True)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+        assert workers.run(lambda n: [calc.echo((n, i, "x" * i)) for i in range(50)]) == [
+            [(n, i, "x" * i) for i in range(50)] for n in range(4)
+        ]
+
+
+def test_a_hand_written_setup_gets_side_channels(workers: Workers) -> None:
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=pipe_rpc.serve, args=(CalcService(), child), kwargs={"max_concurrency": 4}
+    )
+    process.start()
+    child.close()
+    try:
+        with pipe_rpc.Client[CalcService](parent, process=process) as client:
+            calc = client.proxy
+            assert workers.channels(calc, client) == 4
+            assert workers.run(lambda n: [calc.add(n, i) for i in range(100)]) == [
+                [n + i for i in range(100)] for n in range(4)
+            ]
+        process.join(SETTLE)
+        assert process.exitcode == 0
+    finally:
+        if process.exitcode is None:
+            process.kill()
+            process.join()
