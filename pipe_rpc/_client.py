@@ -347,9 +347,11 @@ class Client(Generic[T]):
         slot = _Slot()
         call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
         if channel is not None:
-            channel.transport.set_blocking(deadline is None)
+            transport = channel.transport
+            if transport.blocking is not (deadline is None):
+                transport.set_blocking(deadline is None)
             try:
-                channel.transport.write(frame, deadline)
+                transport.write(frame, deadline)
             except PeerGone as exc:
                 self._gone(str(exc))
             except WriteTimeout:  # the channel is no longer framed: drop it, keep the client
@@ -357,7 +359,10 @@ class Client(Generic[T]):
                 channel.close()
                 self._protocol.abandon(call_id)
                 raise CallTimeoutError(f"{method}() timed out after {timeout} s sending") from None
-            self._read_for(slot, call_id, deadline, channel.transport)
+            if deadline is None:
+                self._read_channel(slot, transport)
+            else:
+                self._read_for(slot, call_id, deadline, transport)
         elif not self._exchange(slot, call_id, frame, deadline):
             raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
         if slot.ok:
@@ -517,27 +522,53 @@ class Client(Generic[T]):
         try:
             for body in (transport or self._transport).read(timeout, spin):
                 got = self._protocol.receive(body)
-                if got is not None:
-                    waiter = self._deliver(*got)
-                    if waiter is not None:
-                        woken.append(waiter)
-        except PeerGone as exc:
+                if got is not None:  # _deliver(), inlined on this hot path
+                    slot, ok, value = got
+                    slot.ok = ok
+                    slot.value = value
+                    slot.done = True
+                    if slot.waiter is not None:
+                        woken.append(slot.waiter)
+        except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
+            self._read_failed(exc)
+        finally:
+            for waiter in woken:
+                _signal(waiter)
+
+    def _read_channel(self, slot: _Slot, transport: Transport) -> None:
+        """Sleep in ``read`` on this thread's side channel until ``slot`` is done (no deadline).
+
+        The hot path of a thread with a side channel: no reader to wake, no deadline.
+        """
+        receive = self._protocol.receive
+        try:
+            while not slot.done:
+                for body in transport.read_wait():
+                    got = receive(body)
+                    if got is not None:
+                        done, ok, value = got
+                        done.ok = ok
+                        done.value = value
+                        done.done = True
+        except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
+            self._read_failed(exc)
+
+    def _read_failed(self, exc: Exception) -> None:
+        """A read raised ``exc``: break the client with the error that says why."""
+        if isinstance(exc, PeerGone):
             self._gone(str(exc))
-        except StartupFailedSignal as signal:
-            error = signal.message.error
+        elif isinstance(exc, StartupFailedSignal):
+            error = exc.message.error
             failure = StartupError(
                 f"the factory failed in the child: {error!r}",
                 remote_traceback=str(error.__cause__ or ""),
             )
             failure.__cause__ = error
             self._break(failure)
-        except ProtocolError as exc:
+        elif isinstance(exc, ProtocolError):
             self._break(exc)
-        except OSError as exc:
+        else:
             self._break(self._closed_error() if self._closed else self._lost(repr(exc)))
-        finally:
-            for waiter in woken:
-                _signal(waiter)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
@@ -552,7 +583,10 @@ class Client(Generic[T]):
             raise fresh_error(self._broken)
 
     def _deliver(self, slot: _Slot, ok: bool, value: Any) -> Any:
-        """Give the call its outcome; return the waiter to wake (None: it reads for itself)."""
+        """Give the call its outcome; return the waiter to wake (None: it reads for itself).
+
+        ``_read_once`` does the same inline.
+        """
         slot.ok = ok
         slot.value = value
         slot.done = True

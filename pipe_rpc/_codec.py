@@ -164,6 +164,9 @@ def _fast_frame(
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
     except (Exception, SystemExit):
         payload = b"__main__"  # take the full path below
+    size = len(payload) + 9
+    if size <= MAIN_SCAN_LIMIT and not buffers and payload.find(b"__main__") < 0:
+        return [_HEAD.pack(size, tag, call_id) + payload]  # the common case
     if _names_main(payload):
         payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
     size = len(payload) + 9

@@ -254,8 +254,11 @@ class ClientProtocol(Generic[S]):
                 except UndecodablePayload as exc:
                     slot = self._take(call_id)
                     return None if slot is None else (slot, False, SerializationError(exc.message))
-                slot = self._take(call_id)
-                return None if slot is None else (slot, True, value)
+                slot = self.pending.pop(call_id, None)  # _take(), inlined on the hot path
+                if slot is None:
+                    self.late_replies += 1
+                    return None
+                return slot, True, value
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:

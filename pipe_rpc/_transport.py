@@ -294,7 +294,7 @@ class Transport:
             ProtocolError: the stream broke the framing.
         """
         if self.blocking and timeout is None:
-            return self._read_blocking_mode()
+            return self.read_wait()
         if spin and self._spin_next:
             frames = self._spin(timeout)
             if frames:
@@ -382,7 +382,7 @@ class Transport:
             if len(data) < _READ_SIZE and reader.read_target() is None:
                 return frames
 
-    def _read_blocking_mode(self) -> list[Body]:
+    def read_wait(self) -> list[Body]:
         """Sleep in ``read`` until at least one whole frame has come (blocking mode)."""
         reader = self.reader
         fd = self.fd
