@@ -141,6 +141,8 @@ def _frame(
     return [head, payload]
 
 
+#: Argument types whose pickle holds neither a global nor an out-of-band buffer.
+_ATOMIC = frozenset({int, float, bool, type(None), str, bytes})
 #: Pickles up to this size are scanned for references to ``__main__``.
 MAIN_SCAN_LIMIT = 1 << 14
 
@@ -240,11 +242,19 @@ class Codec:
     ) -> list[Buffer]:
         """The hot path of ``encode`` for a call, without building a record."""
         wrap: _OutOfBandBytes | None = None
+        plain = not kwargs
         for arg in args:
-            if type(arg) is bytes and len(arg) >= OOB_BYTES:
+            kind = type(arg)
+            if kind is bytes and len(arg) >= OOB_BYTES:
                 wrap = _OutOfBandBytes()
                 args = tuple(map(wrap, args))
+                plain = False
                 break
+            if kind not in _ATOMIC:
+                plain = False
+        if plain:  # no buffer to send out of band, no global to look for in __main__
+            payload = pickle.dumps((method, args, kwargs), 5)
+            return [_HEAD.pack(len(payload) + 9, CALL, call_id) + payload]
         for arg in kwargs.values():
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
                 wrap = wrap or _OutOfBandBytes()

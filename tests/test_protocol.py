@@ -442,3 +442,30 @@ def test_traceback_text_is_the_standard_layout_without_column_markers() -> None:
     expected = [line for line in standard if not line.strip() or set(line.strip()) - set("~^")]
     assert format_traceback(info.value).splitlines() == expected
     assert "in _chained" in format_traceback(info.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(1, 2), (True, None, 2.5, "__main__", b"x" * 100), (), (2**100, -1, "é")],
+    ids=["ints", "every-plain-kind", "none", "big-int-and-text"],
+)
+def test_plain_arguments_take_the_short_path_to_the_same_frame(args: tuple[Any, ...]) -> None:
+    """Arguments of plain types skip the buffer and ``__main__`` checks, and frame the same."""
+    segments = Codec().encode_call(7, "f", args, {})
+    assert len(segments) == 1
+    payload = pickle.dumps(("f", args, {}), 5)
+    assert bytes(segments[0]) == struct.pack("!iBQ", len(payload) + 9, 2, 7) + payload
+    (body,) = FrameReader().feed(_join(segments))
+    call = Codec().decode(body)
+    assert call == Call(7, "f", args, {})
+
+
+def test_arguments_that_are_not_plain_still_go_by_the_full_path() -> None:
+    class Local:  # not importable by name: the full path pickles it with cloudpickle
+        pass
+
+    segments = Codec().encode_call(8, "f", (1, Local), {})
+    (body,) = FrameReader().feed(_join(segments))
+    call = Codec().decode(body)
+    assert isinstance(call, Call)
+    assert call.args[1].__name__ == "Local"
