@@ -56,6 +56,16 @@ def _frames(buffer: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
+def _answers(buffer: bytearray) -> bytes:
+    """The replies to the whole ``add`` calls at the front of ``buffer``, in one write."""
+    replies = []
+    for call_id, payload in _frames(buffer):
+        a, b = pickle.loads(payload)
+        result = pickle.dumps(a + b, 5)
+        replies.append(_HEAD.pack(len(result) + 8, call_id) + result)
+    return b"".join(replies)
+
+
 def _serve(conn: Connection) -> None:
     fd = conn.fileno()
     os.set_blocking(fd, False)
@@ -72,12 +82,7 @@ def _serve(conn: Connection) -> None:
         if not data:
             return
         buffer += data
-        replies = []
-        for call_id, payload in _frames(buffer):
-            a, b = pickle.loads(payload)
-            result = pickle.dumps(a + b, 5)
-            replies.append(_HEAD.pack(len(result) + 8, call_id) + result)
-        os.write(fd, b"".join(replies))
+        os.write(fd, _answers(buffer))
 
 
 class _SharedClient:
@@ -150,14 +155,8 @@ def _serve_sockets(conn: Connection) -> None:
                 os.close(fd)
                 del buffers[fd]
                 continue
-            buffer = buffers[fd]
-            buffer += data
-            replies = []
-            for call_id, payload in _frames(buffer):
-                a, b = pickle.loads(payload)
-                result = pickle.dumps(a + b, 5)
-                replies.append(_HEAD.pack(len(result) + 8, call_id) + result)
-            os.write(fd, b"".join(replies))
+            buffers[fd] += data
+            os.write(fd, _answers(buffers[fd]))
 
 
 class _SocketPerThread:
