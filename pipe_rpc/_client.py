@@ -244,11 +244,12 @@ class Client(Generic[T]):
         self._transport = Transport(conn, sentinel=sentinel, max_frame=max_reply_bytes)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._state_lock = threading.Lock()  # guards starting and ending the reader thread
+        self._state_lock = threading.Lock()  # guards the reader thread's start and end, _opening
         self._reader: threading.Thread | None = None
         self._local = _ThreadState()
         self._channels: weakref.WeakSet[_SideChannel] = weakref.WeakSet()
         self._channels_ok = is_unix_stream(conn)
+        self._opening = 0  # side channels being opened right now
         self._closed = False
         self._broken: PipeRPCError | None = None
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
@@ -406,19 +407,27 @@ class Client(Generic[T]):
         turns side channels off for this client; a timeout gives up for this call.
         """
         state.contended = False
-        if len(self._channels) >= MAX_CHANNELS or not self._request(OpenChannel, deadline):
-            return None
-        ours, theirs = socket.socketpair()
+        with self._state_lock:  # other threads may be opening theirs right now
+            if len(self._channels) + self._opening >= MAX_CHANNELS:
+                return None
+            self._opening += 1
         try:
-            granted = self._request(Channel, deadline, [theirs.fileno()])
+            if not self._request(OpenChannel, deadline):
+                return None
+            ours, theirs = socket.socketpair()
+            try:
+                granted = self._request(Channel, deadline, [theirs.fileno()])
+            finally:
+                theirs.close()
+            if not granted:
+                ours.close()
+                return None
+            enlarge_buffers(ours)
+            channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
+            self._channels.add(channel)
         finally:
-            theirs.close()
-        if not granted:
-            ours.close()
-            return None
-        enlarge_buffers(ours)
-        channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
-        self._channels.add(channel)
+            with self._state_lock:
+                self._opening -= 1
         state.channel = channel
         return channel
 

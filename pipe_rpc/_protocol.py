@@ -73,7 +73,7 @@ _LONG = struct.Struct("!Q")
 BIG_FRAME = 1 << 20
 #: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
 SPARE_MAX = 4 << 20
-#: How many side channels (one per calling thread) a client opens and a server takes.
+#: How many side channels (one per calling thread) a client opens at most.
 MAX_CHANNELS = 32
 
 

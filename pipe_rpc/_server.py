@@ -37,6 +37,10 @@ from ._transport import (
 
 #: A serial call that ran longer than this flushes replies held for batching.
 _FLUSH_AFTER = 0.001
+#: The most side channels a server takes. A client opens at most ``MAX_CHANNELS``,
+#: but the ends of threads that have just ended may not have been read as closed
+#: yet, and a refusal turns side channels off for the client for good.
+_MOST_CHANNELS = 2 * MAX_CHANNELS
 
 
 class Dispatcher:
@@ -274,8 +278,8 @@ class _Loop:
         if isinstance(message, OpenChannel):
             if not self.takes_channels:
                 return self.refuse(message.call_id, "the pipe cannot pass descriptors")
-            if len(self.side) + self.awaited >= MAX_CHANNELS:
-                return self.refuse(message.call_id, f"{MAX_CHANNELS} side channels are open")
+            if len(self.side) + self.awaited >= _MOST_CHANNELS:
+                return self.refuse(message.call_id, f"{_MOST_CHANNELS} side channels are open")
             self.awaited += 1
             if transport.fds is None:
                 transport.fds = []
