@@ -357,6 +357,7 @@ class Client(Generic[T]):
                 self._gone(str(exc))
             except WriteTimeout:  # the channel is no longer framed: drop it, keep the client
                 state.channel = None
+                self._channels.discard(channel)
                 channel.close()
                 self._protocol.abandon(call_id)
                 raise CallTimeoutError(f"{method}() timed out after {timeout} s sending") from None

@@ -285,14 +285,15 @@ class _Loop:
                 transport.fds = []
             return protocol.reply(message.call_id, True, None)
         fds = transport.fds or []
-        if not fds:
-            return self.refuse(message.call_id, "no descriptor came with the channel frame")
-        fd = fds.pop(0)
+        fd = fds.pop(0) if fds else None
         self.awaited = max(0, self.awaited - 1)
-        if not self.awaited:
+        if not self.awaited:  # back to plain reads of the pipe
             for stray in fds:
                 os.close(stray)
             transport.fds = None
+        if fd is None:
+            why = " (dropped: the open-file limit?)" if transport.fds_lost else ""
+            return self.refuse(message.call_id, f"no descriptor came with the channel frame{why}")
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:

@@ -334,3 +334,32 @@ def test_a_hand_written_setup_gets_side_channels(workers: Workers) -> None:
         if process.exitcode is None:
             process.kill()
             process.join()
+
+
+def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """Half a frame on a side channel: that channel goes, the client and the pipe stay."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    with server as calc:
+        client = client_of(server)
+        assert workers.channels(calc, client, serial=True) == 4
+        flag = tmp_path / "go"
+        # One worker keeps the child busy, so nothing reads the others' side channels.
+        workers.inboxes[0].put(lambda: calc.wait_for_path(str(flag), 30))
+        wait_until(Path(f"{flag}.started").exists, "the child to be busy")
+        huge = b"x" * (256 << 20)  # far more than the socket buffers hold
+        quick = pipe_rpc.options(calc, timeout=0.3)
+        workers.inboxes[1].put(lambda: quick.echo(huge))
+        ok, error, _ = workers.outboxes[1].get(timeout=SETTLE)
+        assert not ok
+        assert isinstance(error, pipe_rpc.CallTimeoutError), error
+        assert len(client._channels) == 3
+        assert client.broken is None
+        flag.touch()
+        assert workers.outboxes[0].get(timeout=SETTLE)[:2] == (True, True)
+        # The worker whose channel went asks for a new one, and every call is answered.
+        assert workers.run(lambda n: [calc.add(n, 1) for _ in range(3)]) == [
+            [n + 1] * 3 for n in range(4)
+        ]
+        wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
