@@ -154,6 +154,7 @@ class _PeerWatch:
         self._stop_lock = threading.Lock()
         # A bare thread: threading.Thread.start() waits for the thread to run.
         _thread.start_new_thread(self._run, (sentinel, wake))
+        _WATCHES.add(self)
 
     def _run(self, sentinel: int, wake: int) -> None:
         poll = select.poll()
@@ -179,10 +180,17 @@ class _PeerWatch:
 _SIDE_CHANNELS: weakref.WeakSet[_SideChannel] = weakref.WeakSet()
 
 
+#: Every running watcher of this process, so that a forked server child closes its pipe.
+_WATCHES: weakref.WeakSet[_PeerWatch] = weakref.WeakSet()
+
+
 def close_inherited_channels() -> None:
-    """In a child just forked: close the side channels of the parent's clients."""
+    """In a child just forked: close the side channels of the parent's clients, and its
+    end of their watchers' pipes (so that closing the parent's end still stops them)."""
     for channel in list(_SIDE_CHANNELS):
         channel.close()
+    for watch in list(_WATCHES):
+        watch.stop()
 
 
 class _ThreadState(threading.local):
@@ -244,7 +252,8 @@ class Client(Generic[T]):
         self._transport = Transport(conn, sentinel=sentinel, max_frame=max_reply_bytes)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._state_lock = threading.Lock()  # guards the reader thread's start and end, _opening
+        # Guards the reader thread's start and end, _opening and the watcher's start.
+        self._state_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._local = _ThreadState()
         self._channels: weakref.WeakSet[_SideChannel] = weakref.WeakSet()
@@ -253,10 +262,9 @@ class Client(Generic[T]):
         self._closed = False
         self._broken: PipeRPCError | None = None
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
+        # Started with the first side channel: a thread in a process that had none would
+        # make a later fork start method fork a multi-threaded parent.
         self._watch: _PeerWatch | None = None
-        if sentinel is not None:
-            self._watch = _PeerWatch(sentinel, self._channels)
-            weakref.finalize(self, self._watch.stop)
         enlarge_buffers(conn)
         try:
             self._transport.write(self._protocol.greeting())
@@ -306,9 +314,10 @@ class Client(Generic[T]):
         return self._broken
 
     @property
-    def peer_ended(self) -> bool:
-        """The server process (``process``) was seen to end; False if it is not known."""
-        return self._watch is not None and self._watch.ended
+    def peer_ended(self) -> bool | None:
+        """The watcher saw the server process end (``None``: no watcher; it runs with side
+        channels, which a thread of their own watches)."""
+        return None if self._watch is None else self._watch.ended
 
     @property
     def late_replies(self) -> int:
@@ -356,15 +365,17 @@ class Client(Generic[T]):
             except PeerGone as exc:
                 self._gone(str(exc))
             except WriteTimeout:  # the channel is no longer framed: drop it, keep the client
-                state.channel = None
-                self._channels.discard(channel)
-                channel.close()
+                self._drop_channel(state, channel)
                 self._protocol.abandon(call_id)
                 raise CallTimeoutError(f"{method}() timed out after {timeout} s sending") from None
             if deadline is None:
                 self._read_channel(slot, transport)
             else:
                 self._read_for(slot, call_id, deadline, transport)
+                if not slot.done:
+                    # Nobody would read its late reply: a big one would block the server's
+                    # write, and every other caller with it. Closing makes that write fail.
+                    self._drop_channel(state, channel)
         elif not self._exchange(slot, call_id, frame, deadline):
             raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
         if slot.ok:
@@ -372,6 +383,12 @@ class Client(Generic[T]):
         if not slot.done:
             raise CallTimeoutError(f"{method}() timed out after {timeout} s")
         raise slot.value
+
+    def _drop_channel(self, state: _ThreadState, channel: _SideChannel) -> None:
+        """Stop using this thread's side channel (its next contended call asks again)."""
+        state.channel = None
+        self._channels.discard(channel)
+        channel.close()
 
     def _exchange(
         self,
@@ -413,11 +430,17 @@ class Client(Generic[T]):
                 return None
             self._opening += 1
         try:
-            if not self._request(OpenChannel, deadline):
-                return None
-            ours, theirs = socket.socketpair()
             try:
-                granted = self._request(Channel, deadline, [theirs.fileno()])
+                ours, theirs = socket.socketpair()
+            except OSError:  # out of descriptors here: share the pipe for now
+                return None
+            try:
+                granted = self._request(OpenChannel, deadline) and self._request(
+                    Channel, deadline, [theirs.fileno()]
+                )
+            except OSError:  # the descriptor could not be sent: share the pipe from now on
+                self._channels_ok = False
+                granted = False
             finally:
                 theirs.close()
             if not granted:
@@ -426,6 +449,12 @@ class Client(Generic[T]):
             enlarge_buffers(ours)
             channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
             self._channels.add(channel)
+            with self._state_lock:
+                if self._sentinel is not None and self._watch is None:
+                    self._watch = _PeerWatch(self._sentinel, self._channels)
+                    weakref.finalize(self, self._watch.stop)
+            if self._watch is not None and self._watch.ended:  # it looked before this was added
+                shutdown(channel)
         finally:
             with self._state_lock:
                 self._opening -= 1
@@ -441,7 +470,11 @@ class Client(Generic[T]):
         """Ask the server machinery for something; True if it granted it."""
         slot = _Slot()
         call_id, frame = self._protocol.send_request(kind, slot)
-        self._exchange(slot, call_id, frame, deadline, fds)
+        try:
+            self._exchange(slot, call_id, frame, deadline, fds)
+        except OSError:
+            self._protocol.abandon(call_id)
+            raise
         if slot.done and not slot.ok and self._broken is None:
             self._channels_ok = False  # refused: the server cannot take side channels
         return slot.ok

@@ -254,7 +254,9 @@ class Codec:
                 plain = False
         if plain:  # no buffer to send out of band, no global to look for in __main__
             payload = pickle.dumps((method, args, kwargs), 5)
-            return [_HEAD.pack(len(payload) + 9, CALL, call_id) + payload]
+            if len(payload) + 9 < _JOIN_BELOW:
+                return [_HEAD.pack(len(payload) + 9, CALL, call_id) + payload]
+            return _frame(CALL, call_id, payload, [])
         for arg in kwargs.values():
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
                 wrap = wrap or _OutOfBandBytes()

@@ -172,7 +172,9 @@ class _Loop:
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels
         self.takes_channels = is_unix_stream(conn)
-        self.awaited = 0  # channels granted whose descriptor has not come yet
+        # Channels granted whose descriptor has not come yet. A grant whose Channel frame
+        # never comes (the client gave up) only leaves the pipe read with recvmsg.
+        self.awaited = 0
         self.pool = None
         if max_concurrency > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -278,7 +280,7 @@ class _Loop:
         if isinstance(message, OpenChannel):
             if not self.takes_channels:
                 return self.refuse(message.call_id, "the pipe cannot pass descriptors")
-            if len(self.side) + self.awaited >= _MOST_CHANNELS:
+            if len(self.side) >= _MOST_CHANNELS:
                 return self.refuse(message.call_id, f"{_MOST_CHANNELS} side channels are open")
             self.awaited += 1
             if transport.fds is None:

@@ -104,14 +104,15 @@ def enlarge_buffers(conn: HasFileno) -> None:
 def shutdown(conn: HasFileno) -> None:
     """Shut the socket down both ways: wakes a thread polling it and tells the peer."""
     try:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-    except OSError:
+        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
+    except (OSError, ValueError):
         return
-    with sock:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -360,6 +361,9 @@ class Transport:
             frames = []
         while True:
             target = reader.read_target()
+            if target is None and self.fds is not None:  # a descriptor may come next
+                frames.extend(self._read_keeping_fds())
+                return frames
             try:
                 if target is not None:
                     count = os.readv(fd, [target])

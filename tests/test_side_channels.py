@@ -10,11 +10,14 @@ a side channel belongs to its thread.
 
 from __future__ import annotations
 
+import array
 import gc
 import multiprocessing
 import os
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,35 +253,36 @@ def test_close_wakes_every_thread_waiting_on_a_side_channel(
         calc.close()
 
 
-def test_a_timeout_on_a_side_channel_keeps_it_usable(workers: Workers, tmp_path: Path) -> None:
-    """A call that timed out on a side channel: its late reply is dropped, the channel lives.
-
-    The child runs calls one at a time, and answers a channel's calls in order, so
-    each thread's late reply comes just before the reply to its next call.
-    """
+def test_a_timeout_on_a_side_channel_drops_it_and_its_late_reply_blocks_nobody(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """Nobody would read a timed-out call's reply on its side channel, so the channel goes:
+    the child's write of the late reply fails at once instead of blocking the child."""
     server = pipe_rpc.spawn(CalcService, start_method="fork")
     with server as calc:
         client = client_of(server)
         assert workers.channels(calc, client, serial=True) == 4
         quick = pipe_rpc.options(calc, timeout=0.1)
-        flags = [tmp_path / f"go-{n}" for n in range(4)]
+        huge = 64 << 20  # a late reply far larger than the socket buffers
 
         def time_out(n: int) -> str:
             try:
-                quick.wait_for_path(str(flags[n]), 30)
+                quick.sleep_then_return(0.3, b"x" * huge if n == 0 else n)
             except pipe_rpc.CallTimeoutError:
                 return "timed out"
             return "answered"
 
         assert workers.run(time_out) == ["timed out"] * 4
-        for flag in flags:
-            flag.touch()
-        # No deadline (the channel sleeps in read), then a deadline again (it polls).
-        assert workers.run(lambda n: [calc.add(n, 1), quick.add(n, 2)]) == [
+        assert len(client._channels) == 0
+        # The child sends four late replies to closed channels, then answers the next calls
+        # (on the pipe, until the threads contend again and get new channels).
+        patient = pipe_rpc.options(calc, timeout=10)
+        assert workers.run(lambda n: [patient.add(n, 1), calc.add(n, 2)]) == [
             [n + 1, n + 2] for n in range(4)
         ]
-        assert client.late_replies == 4
-        assert len(client._channels) == 4
+        assert client.broken is None
+        assert workers.channels(calc, client, serial=True) == 4
+        wait_until(lambda: calc.side_channels() == 4, "the child to drop the closed channels")
 
 
 def test_a_thread_that_ends_gives_its_side_channel_back(workers: Workers) -> None:
@@ -363,3 +367,37 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
             [n + 1] * 3 for n in range(4)
         ]
         wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
+
+
+def test_a_descriptor_after_a_big_frame_is_kept() -> None:
+    """While the server waits for a descriptor, a big frame read in place comes first."""
+    from pipe_rpc._transport import Transport
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        transport = Transport(theirs)
+        transport.fds = []
+        spare_r, spare_w = os.pipe()
+        try:
+            big = b"b" * (2 << 20)
+
+            def send() -> None:
+                ours.sendall(struct.pack("!i", len(big)) + big)
+                ours.sendmsg(
+                    [struct.pack("!i", 5) + b"small"],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [spare_r]))],
+                )
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            bodies: list[bytes] = []
+            deadline = time.monotonic() + SETTLE
+            while len(bodies) < 2 and time.monotonic() < deadline:
+                bodies += [bytes(body) for body in transport.read(1.0)]
+            sender.join(SETTLE)
+            assert [len(body) for body in bodies] == [len(big), 5]
+            assert len(transport.fds) == 1
+            os.close(transport.fds[0])
+        finally:
+            os.close(spare_r)
+            os.close(spare_w)
