@@ -565,13 +565,10 @@ class Client(Generic[T]):
         try:
             for body in (transport or self._transport).read(timeout, spin):
                 got = self._protocol.receive(body)
-                if got is not None:  # _deliver(), inlined on this hot path
-                    slot, ok, value = got
-                    slot.ok = ok
-                    slot.value = value
-                    slot.done = True
-                    if slot.waiter is not None:
-                        woken.append(slot.waiter)
+                if got is not None:
+                    waiter = self._deliver(*got)
+                    if waiter is not None:
+                        woken.append(waiter)
         except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
             self._read_failed(exc)
         finally:
@@ -588,7 +585,7 @@ class Client(Generic[T]):
             while not slot.done:
                 for body in transport.read_wait():
                     got = receive(body)
-                    if got is not None:
+                    if got is not None:  # _deliver(), inlined on this hot path
                         done, ok, value = got
                         done.ok = ok
                         done.value = value
@@ -628,7 +625,7 @@ class Client(Generic[T]):
     def _deliver(self, slot: _Slot, ok: bool, value: Any) -> Any:
         """Give the call its outcome; return the waiter to wake (None: it reads for itself).
 
-        ``_read_once`` does the same inline.
+        ``_read_channel`` does the same inline.
         """
         slot.ok = ok
         slot.value = value

@@ -27,7 +27,6 @@ from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
 from ._transport import (
-    HasFileno,
     PeerGone,
     Poller,
     Transport,
@@ -143,12 +142,10 @@ def check_max_concurrency(max_concurrency: int) -> None:
 class _Channel:
     """The server's end of one connection: the pipe, or a side channel it was sent."""
 
-    def __init__(
-        self, conn: HasFileno, protocol: ServerProtocol, sock: socket.socket | None
-    ) -> None:
+    def __init__(self, conn: Connection | socket.socket, protocol: ServerProtocol) -> None:
+        self.conn = conn  # a side channel's socket is closed when it is dropped
         self.transport = Transport(conn)
         self.protocol = protocol
-        self.sock = sock  # a side channel's own socket, closed when it is dropped
         self.lock = threading.Lock()  # pool threads write replies under it
         self.closed = False
 
@@ -160,14 +157,14 @@ class _Channel:
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            if self.sock is not None:
-                self.sock.close()
+            if isinstance(self.conn, socket.socket):
+                self.conn.close()
 
 
 class _Loop:
     def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
         self.dispatcher = Dispatcher(service)
-        self.main = _Channel(conn, ServerProtocol(), None)
+        self.main = _Channel(conn, ServerProtocol())
         enlarge_buffers(conn)
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels
@@ -305,7 +302,7 @@ class _Loop:
             sock.close()
             return self.refuse(message.call_id, "the descriptor is not a Unix stream socket")
         enlarge_buffers(sock)
-        side = _Channel(sock, ServerProtocol(protocol.codec, peer=protocol.peer), sock)
+        side = _Channel(sock, ServerProtocol(protocol.codec, peer=protocol.peer))
         self.side[side.transport.fd] = side
         if self.poller is None:
             self.poller = Poller()

@@ -340,9 +340,7 @@ class Transport:
         """Read what is there without waiting; raise PeerGone at end of file."""
         reader = self.reader
         fd = self.fd
-        if self.fds is not None and reader.read_target() is None:
-            return self._read_keeping_fds()
-        if reader.idle:  # the common case: one small read
+        if reader.idle and self.fds is None:  # the common case: one small read
             try:
                 data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
