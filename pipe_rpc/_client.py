@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from ._codec import Codec
+from ._codec import Body, Codec
 from ._errors import (
     CallTimeoutError,
     ClientClosedError,
@@ -48,7 +48,7 @@ from ._errors import (
     describe_exitcode,
 )
 from ._messages import Channel, OpenChannel, Shutdown
-from ._protocol import MAX_CHANNELS, ClientProtocol, StartupFailedSignal
+from ._protocol import MAX_CHANNELS, NOT_QUICK, ClientProtocol, StartupFailedSignal
 from ._transport import (
     PeerGone,
     Transport,
@@ -262,9 +262,10 @@ class Client(Generic[T]):
         self._closed = False
         self._broken: PipeRPCError | None = None
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
-        # Started with the first side channel: a thread in a process that had none would
-        # make a later fork start method fork a multi-threaded parent.
-        self._watch: _PeerWatch | None = None
+        # The thread that watches the server's process, started with the first side
+        # channel: a thread in a process that had none would make a later fork start
+        # method fork a multi-threaded parent. ``watch.ended``: it saw the process end.
+        self.watch: _PeerWatch | None = None
         enlarge_buffers(conn)
         try:
             self._transport.write(self._protocol.greeting())
@@ -291,8 +292,8 @@ class Client(Generic[T]):
                 self._write_lock.release()
         shutdown(self._conn)
         self._break(ClientClosedError("the client was closed"))
-        if self._watch is not None:
-            self._watch.stop()
+        if self.watch is not None:
+            self.watch.stop()
         got_reader = self._read_lock.acquire(timeout=1.0)
         try:
             self._conn.close()
@@ -317,7 +318,7 @@ class Client(Generic[T]):
     def peer_ended(self) -> bool | None:
         """The watcher saw the server process end (``None``: no watcher; it runs with side
         channels, which a thread of their own watches)."""
-        return None if self._watch is None else self._watch.ended
+        return None if self.watch is None else self.watch.ended
 
     @property
     def late_replies(self) -> int:
@@ -354,12 +355,14 @@ class Client(Generic[T]):
             channel = self._open_channel(state, deadline)
             if self._broken is not None:
                 raise fresh_error(self._broken)
+        if channel is not None and deadline is None:
+            return self._call_channel(channel, method, args, kwargs)
         slot = _Slot()
         call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
         if channel is not None:
             transport = channel.transport
-            if transport.blocking is not (deadline is None):
-                transport.set_blocking(deadline is None)
+            if transport.blocking:
+                transport.set_blocking(False)
             try:
                 transport.write(frame, deadline)
             except PeerGone as exc:
@@ -368,14 +371,11 @@ class Client(Generic[T]):
                 self._drop_channel(state, channel)
                 self._protocol.abandon(call_id)
                 raise CallTimeoutError(f"{method}() timed out after {timeout} s sending") from None
-            if deadline is None:
-                self._read_channel(slot, transport)
-            else:
-                self._read_for(slot, call_id, deadline, transport)
-                if not slot.done:
-                    # Nobody would read its late reply: a big one would block the server's
-                    # write, and every other caller with it. Closing makes that write fail.
-                    self._drop_channel(state, channel)
+            self._read_for(slot, call_id, deadline, transport)
+            if not slot.done:
+                # Nobody would read its late reply: a big one would block the server's
+                # write, and every other caller with it. Closing makes that write fail.
+                self._drop_channel(state, channel)
         elif not self._exchange(slot, call_id, frame, deadline):
             raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
         if slot.ok:
@@ -383,6 +383,46 @@ class Client(Generic[T]):
         if not slot.done:
             raise CallTimeoutError(f"{method}() timed out after {timeout} s")
         raise slot.value
+
+    def _call_channel(
+        self, channel: _SideChannel, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A call on this thread's side channel with no deadline: the hot path of threads.
+
+        One write, then a read that sleeps in ``read`` itself. Most often that read
+        brings exactly this call's return value, decoded without the pending table;
+        anything else is matched as on the pipe, the call registered first. No reader
+        to wake, no lock: the channel is this thread's alone.
+        """
+        protocol = self._protocol
+        call_id, frame = protocol.start_call(method, args, kwargs)
+        transport = channel.transport
+        if not transport.blocking:
+            transport.set_blocking(True)
+        try:
+            transport.write(frame)
+            bodies = transport.read_wait()
+            if len(bodies) == 1:
+                value = protocol.quick_result(bodies[0], call_id)
+                if value is not NOT_QUICK:
+                    return value
+        except (PeerGone, ProtocolError, OSError) as exc:
+            self._read_failed(exc)
+            raise self._broken_error() from None
+        slot = _Slot()
+        protocol.register(call_id, slot)
+        self._read_channel(slot, transport, bodies)
+        if not slot.done:  # the read failed before the call was registered
+            raise self._broken_error()
+        if slot.ok:
+            return slot.value
+        raise slot.value
+
+    def _broken_error(self) -> PipeRPCError:
+        """A fresh copy of why the connection is dead, for one more caller to raise."""
+        broken = self._broken
+        assert broken is not None, "called once the connection is broken"
+        return fresh_error(broken)
 
     def _drop_channel(self, state: _ThreadState, channel: _SideChannel) -> None:
         """Stop using this thread's side channel (its next contended call asks again)."""
@@ -450,10 +490,10 @@ class Client(Generic[T]):
             channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
             self._channels.add(channel)
             with self._state_lock:
-                if self._sentinel is not None and self._watch is None:
-                    self._watch = _PeerWatch(self._sentinel, self._channels)
-                    weakref.finalize(self, self._watch.stop)
-            if self._watch is not None and self._watch.ended:  # it looked before this was added
+                if self._sentinel is not None and self.watch is None:
+                    self.watch = _PeerWatch(self._sentinel, self._channels)
+                    weakref.finalize(self, self.watch.stop)
+            if self.watch is not None and self.watch.ended:  # it looked before this was added
                 shutdown(channel)
         finally:
             with self._state_lock:
@@ -575,21 +615,19 @@ class Client(Generic[T]):
             for waiter in woken:
                 _signal(waiter)
 
-    def _read_channel(self, slot: _Slot, transport: Transport) -> None:
-        """Sleep in ``read`` on this thread's side channel until ``slot`` is done (no deadline).
-
-        The hot path of a thread with a side channel: no reader to wake, no deadline.
-        """
+    def _read_channel(self, slot: _Slot, transport: Transport, bodies: list[Body]) -> None:
+        """Hand out ``bodies``, then sleep in ``read`` on this thread's side channel until
+        ``slot`` is done (no deadline) or the connection is dead."""
         receive = self._protocol.receive
         try:
-            while not slot.done:
-                for body in transport.read_wait():
+            while True:
+                for body in bodies:
                     got = receive(body)
-                    if got is not None:  # _deliver(), inlined on this hot path
-                        done, ok, value = got
-                        done.ok = ok
-                        done.value = value
-                        done.done = True
+                    if got is not None:
+                        self._deliver(*got)  # no waiter: the owner is this thread
+                if slot.done:
+                    return
+                bodies = transport.read_wait()
         except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
             self._read_failed(exc)
 
@@ -623,10 +661,7 @@ class Client(Generic[T]):
             raise fresh_error(self._broken)
 
     def _deliver(self, slot: _Slot, ok: bool, value: Any) -> Any:
-        """Give the call its outcome; return the waiter to wake (None: it reads for itself).
-
-        ``_read_channel`` does the same inline.
-        """
+        """Give the call its outcome; return the waiter to wake (None: it reads for itself)."""
         slot.ok = ok
         slot.value = value
         slot.done = True

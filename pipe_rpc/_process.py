@@ -442,7 +442,18 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        child = self._current()
+        handle = self._handle
+        child = handle.child
+        # The hot path: a watched child, seen alive, in attribute reads; else the full check.
+        if (
+            child is None
+            or (watch := child.client.watch) is None
+            or watch.ended
+            or child.ended
+            or handle.closed
+            or child.client.broken is not None
+        ):
+            child = self._current()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
         except CallTimeoutError:

@@ -33,6 +33,12 @@ exactly as the pipe does, with no hello of its own; call ids stay unique
 across all of a client's channels. The pipe alone carries the hellos, the
 requests for channels and ``Shutdown``.
 
+A thread alone on its side channel, with no deadline, may skip the table:
+``start_call`` gives the id and frame, and ``quick_result`` decodes the first
+frame read if it is that call's plain return, the common case. Anything else
+(a raise, a failure, a frame read in parts) goes to ``receive`` once the call
+is registered, so it is matched as any other reply.
+
 ``FrameReader`` cuts the stream into frame bodies. Large frames are read in
 place: once their length is known, ``read_target()`` hands the I/O layer the
 rest of a buffer of exactly that size to read into, so big payloads are not
@@ -67,6 +73,15 @@ from ._messages import (
 S = TypeVar("S")
 
 _BODY = struct.Struct("!BQ")
+
+
+class _NotQuick:
+    def __repr__(self) -> str:
+        return "NOT_QUICK"
+
+
+#: What ``quick_result`` returns for a frame that is not the plain return it looked for.
+NOT_QUICK: Any = _NotQuick()
 _LENGTH = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 #: A frame at least this large is read in place into a buffer of its own.
@@ -223,10 +238,44 @@ class ClientProtocol(Generic[S]):
         Raises:
             SerializationError: an argument would not pickle; nothing was registered.
         """
-        call_id = next(self._ids)
-        frame = self.codec.encode_call(call_id, method, args, kwargs)
+        call_id, frame = self.start_call(method, args, kwargs)
         self.pending[call_id] = slot
         return call_id, frame
+
+    def start_call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, list[Buffer]]:
+        """A call's id and frame, not yet registered: for a caller that reads its own
+        reply (``quick_result``) and registers only if that reply is not the common kind.
+
+        Raises:
+            SerializationError: an argument would not pickle.
+        """
+        call_id = next(self._ids)
+        return call_id, self.codec.encode_call(call_id, method, args, kwargs)
+
+    def register(self, call_id: int, slot: S) -> None:
+        """Make ``start_call``'s call pending: ``receive`` gives its outcome to ``slot``."""
+        self.pending[call_id] = slot
+
+    def quick_result(self, body: Body, call_id: int) -> Any:
+        """The value in ``body`` if it is call ``call_id``'s plain return, else ``NOT_QUICK``.
+
+        For a caller alone on its connection with a call not registered: anything
+        else (a raise, a failure, a value that will not unpickle, another call's
+        reply) must then go to ``receive`` with the call registered.
+
+        Raises:
+            ProtocolError: an untrusted peer sent something not allowed.
+        """
+        if len(body) > 9 and self.peer is not None:
+            tag, got_id = _BODY.unpack_from(body)
+            if tag == RETURN and got_id == call_id:
+                try:
+                    return self.codec.loads(call_id, memoryview(body)[9:], "result")
+                except UndecodablePayload:
+                    pass
+        return NOT_QUICK
 
     def send_request(self, kind: type[OpenChannel | Channel], slot: S) -> tuple[int, list[Buffer]]:
         """Register a request to the server machinery itself; return its id and frame."""

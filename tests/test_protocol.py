@@ -24,6 +24,7 @@ from pipe_rpc._codec import (
 from pipe_rpc._messages import Call, Fail, Hello, Raise, Shutdown
 from pipe_rpc._protocol import (
     BIG_FRAME,
+    NOT_QUICK,
     SPARE_MAX,
     ClientProtocol,
     FrameReader,
@@ -167,6 +168,79 @@ def test_abandoned_call_late_reply_is_dropped_and_counted() -> None:
     pair.deliver(late + following)
     assert pair.replies == [("next", True, 10)]
     assert pair.client.late_replies == 1
+
+
+def _quick(pair: Pair, method: str, *args: Any) -> tuple[int, bytes, Any]:
+    """Start an unregistered call, serve it, and read its one reply with ``quick_result``:
+    the call's id, the reply's bytes and what ``quick_result`` made of them."""
+    call_id, frame = pair.client.start_call(method, args, {})
+    (reply,) = pair._serve(frame)
+    (body,) = FrameReader().feed(reply)
+    return call_id, reply, pair.client.quick_result(body, call_id)
+
+
+def test_quick_result_decodes_the_plain_return_of_an_unregistered_call() -> None:
+    pair = Pair()
+    _, _, value = _quick(pair, "add", 1, 2)
+    assert value == 3
+    assert pair.client.pending == {}
+    assert pair.client.late_replies == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "error_type"),
+    [("boom", KeyError), ("lock", SerializationError), ("nope", MethodNotFoundError)],
+)
+def test_quick_result_leaves_every_other_outcome_to_receive(
+    method: str, error_type: type[Exception]
+) -> None:
+    pair = Pair()
+    call_id, reply, value = _quick(pair, method)
+    assert value is NOT_QUICK
+    pair.client.register(call_id, "slot")
+    pair.deliver([reply])
+    ((slot, ok, error),) = pair.replies
+    assert (slot, ok) == ("slot", False)
+    assert type(error) is error_type
+
+
+def test_quick_result_takes_only_the_reply_of_its_own_call() -> None:
+    pair = Pair()
+    first, frame = pair.client.start_call("add", (1, 1), {})
+    second, _ = pair.client.start_call("add", (2, 2), {})
+    (reply,) = pair._serve(frame)
+    (body,) = pair.to_client.feed(reply)
+    assert pair.client.quick_result(body, second) is NOT_QUICK
+    assert pair.client.quick_result(body, first) == 2
+
+
+def test_quick_result_leaves_a_value_that_will_not_unpickle_to_receive() -> None:
+    pair = Pair()
+    call_id, frame = pair.client.start_call("add", (1, 2), {})
+    (reply,) = pair._serve(frame)
+    broken = reply[:-3] + b"\xff\xff\xff"  # the pickle, not the header
+    (body,) = pair.to_client.feed(broken)
+    assert pair.client.quick_result(body, call_id) is NOT_QUICK
+    pair.client.register(call_id, "slot")
+    pair.deliver([broken])
+    ((_, ok, error),) = pair.replies
+    assert not ok
+    assert isinstance(error, SerializationError)
+
+
+def test_quick_result_refuses_what_an_untrusted_peer_may_not_send() -> None:
+    pair = Pair()
+    pair.client.codec = Codec(untrusted=True)
+    call_id, _ = pair.client.start_call("add", (1, 2), {})
+    body = _join(Codec().encode_return(call_id, Service()))[4:]
+    with pytest.raises(ProtocolError):
+        pair.client.quick_result(body, call_id)
+
+
+def test_quick_result_before_the_hello_leaves_the_frame_to_receive() -> None:
+    client: ClientProtocol[str] = ClientProtocol(Codec())
+    body = _join(Codec().encode_return(1, 3))[4:]
+    assert client.quick_result(body, 1) is NOT_QUICK
 
 
 def test_abandon_after_reply_taken_says_false() -> None:

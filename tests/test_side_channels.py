@@ -29,7 +29,7 @@ import pytest
 import pipe_rpc
 from pipe_rpc._client import Client
 from pipe_rpc._protocol import MAX_CHANNELS
-from tests.calc_service import CalcService
+from tests.calc_service import CalcService, CustomError
 from tests.services import StartMethod
 
 METHODS: list[StartMethod] = ["fork", "forkserver", "spawn"]
@@ -153,6 +153,41 @@ def test_threads_that_call_together_get_side_channels_and_their_own_replies(
 
         assert workers.run(echo_many) == [True] * 4
         assert len(client_of(server)._channels) == 4  # the same channels all along
+
+
+def test_every_outcome_on_a_side_channel_reaches_its_own_thread(workers: Workers) -> None:
+    """A plain return is read the short way; raises, failures and big replies are matched
+    as on the pipe, and the channel goes on serving its thread."""
+    server = pipe_rpc.spawn(CalcService, max_concurrency=4)
+    with server as calc:
+        assert workers.channels(calc, client_of(server)) == 4
+
+        def outcomes(n: int) -> list[str]:
+            seen = []
+            for i in range(20):
+                try:
+                    if i % 4 == 0:
+                        calc.raise_custom(n, f"call {i}")
+                    elif i % 4 == 1:
+                        calc.make_lock()
+                    elif i % 4 == 2:
+                        calc.no_such_method()  # type: ignore[attr-defined]
+                    else:
+                        assert calc.make_bytes((1 << 20) + n) == bytes((1 << 20) + n)
+                        seen.append("bytes")
+                except CustomError as exc:
+                    seen.append("raised" if (exc.code, exc.detail) == (n, f"call {i}") else "mixed")
+                except pipe_rpc.SerializationError:
+                    seen.append("unpicklable")
+                except pipe_rpc.MethodNotFoundError:
+                    seen.append("not found")
+                assert calc.add(n, i) == n + i
+            return seen
+
+        expected = ["raised", "unpicklable", "not found", "bytes"] * 5
+        assert workers.run(outcomes) == [expected] * 4
+        assert len(client_of(server)._channels) == 4  # the same channels all along
+        assert calc.side_channels() == 4
 
 
 def test_threads_share_the_pipe_when_the_server_cannot_take_descriptors(
