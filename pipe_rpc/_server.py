@@ -42,6 +42,19 @@ _FLUSH_AFTER = 0.001
 _MOST_CHANNELS = 2 * MAX_CHANNELS
 
 
+def _descriptor_budget() -> int | None:
+    """How many side channels this process may hold: a quarter of its open-file limit, so
+    that the service's own files keep the rest (``None``: no limit known)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    return soft // 4
+
+
 class Dispatcher:
     """Finds and runs the public methods of one service object."""
 
@@ -279,6 +292,12 @@ class _Loop:
                 return self.refuse(message.call_id, "the pipe cannot pass descriptors")
             if len(self.side) >= _MOST_CHANNELS:
                 return self.refuse(message.call_id, f"{_MOST_CHANNELS} side channels are open")
+            budget = _descriptor_budget()
+            if budget is not None and len(self.side) + self.awaited >= budget:
+                return self.refuse(
+                    message.call_id,
+                    f"side channels may use {budget} descriptors, a quarter of the open-file limit",
+                )
             self.awaited += 1
             if transport.fds is None:
                 transport.fds = []

@@ -206,6 +206,25 @@ def test_threads_share_the_pipe_when_the_server_cannot_take_descriptors(
         assert calc.side_channels() == 0
 
 
+def test_side_channels_leave_most_of_a_small_open_file_limit_to_the_service() -> None:
+    """Under ``Limits(open_files=48)`` the child takes 12 side channels, a quarter of the
+    limit, and refuses the rest, which keep sharing the pipe."""
+    crew = Workers(24)
+    try:
+        limits = pipe_rpc.Limits(open_files=48)
+        server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=24, limits=limits)
+        with server as calc:
+            client = client_of(server)
+            assert crew.channels(calc, client) == 12
+            assert calc.side_channels() == 12
+            assert not client._channels_ok  # refused once, never asked again
+            assert crew.run(lambda n: [calc.add(n, i) for i in range(20)]) == [
+                [n + i for i in range(20)] for n in range(24)
+            ]
+    finally:
+        crew.stop()
+
+
 def test_more_threads_than_side_channels_share_the_pipe() -> None:
     crew = Workers(MAX_CHANNELS + 4)
     try:
