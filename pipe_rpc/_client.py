@@ -269,8 +269,10 @@ class Client(Generic[T]):
         enlarge_buffers(conn)
         try:
             self._transport.write(self._protocol.greeting())
-        except PeerGone as exc:
-            self._break(self._lost(str(exc)))
+        except PeerGone:
+            # The peer may have written before it went (a child whose factory failed
+            # reports it and exits): the first read takes that, then finds the end.
+            pass
 
     # -- public -------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import functools
 import gc
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from typing import Literal
 import pytest
 
 import pipe_rpc
+from pipe_rpc._client import Client
+from pipe_rpc._process import _child_main
 from tests.calc_service import CalcService, ExitingStrError
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -419,6 +422,23 @@ def test_startup_error_carries_factory_traceback() -> None:
     assert "factory is broken" in str(info.value)
     assert "_failing_factory" in info.value.remote_traceback
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_startup_failure_is_read_even_if_the_child_ended_before_the_client_spoke() -> None:
+    """The child reports its factory's failure and exits; a client that only starts now
+    (its hello then meets a closed pipe) still reads the report."""
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    blob = pickle.dumps(_failing_factory)
+    child = ctx.Process(target=_child_main, args=(theirs, blob, os.getpid(), None, 1))
+    child.start()
+    theirs.close()
+    child.join(10)
+    assert child.exitcode == 1
+    client: Client[CalcService] = Client(ours, process=child)
+    with pytest.raises(pipe_rpc.StartupError, match="factory is broken"):
+        client.wait_ready(10)
+    client.close()
 
 
 def _failing_factory() -> CalcService:
