@@ -292,12 +292,6 @@ class _Loop:
                 return self.refuse(message.call_id, "the pipe cannot pass descriptors")
             if len(self.side) >= _MOST_CHANNELS:
                 return self.refuse(message.call_id, f"{_MOST_CHANNELS} side channels are open")
-            budget = _descriptor_budget()
-            if budget is not None and len(self.side) + self.awaited >= budget:
-                return self.refuse(
-                    message.call_id,
-                    f"side channels may use {budget} descriptors, a quarter of the open-file limit",
-                )
             self.awaited += 1
             if transport.fds is None:
                 transport.fds = []
@@ -312,6 +306,15 @@ class _Loop:
         if fd is None:
             why = " (dropped: the open-file limit?)" if transport.fds_lost else ""
             return self.refuse(message.call_id, f"no descriptor came with the channel frame{why}")
+        # Checked here, not at OpenChannel: a grant whose Channel frame never comes (its
+        # request timed out) must not use up the budget.
+        budget = _descriptor_budget()
+        if budget is not None and len(self.side) >= budget:
+            os.close(fd)
+            return self.refuse(
+                message.call_id,
+                f"side channels may use {budget} descriptors, a quarter of the open-file limit",
+            )
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
