@@ -411,9 +411,17 @@ class Client(Generic[T]):
         except (PeerGone, ProtocolError, OSError) as exc:
             self._read_failed(exc)
             raise self._broken_error() from None
+        except BaseException:  # an interrupt may have cut a frame: the channel's framing is lost
+            self._drop_channel(self._local, channel)
+            raise
         slot = _Slot()
         protocol.register(call_id, slot)
-        self._read_channel(slot, transport, bodies)
+        try:
+            self._read_channel(slot, transport, bodies)
+        except BaseException:
+            self._protocol.abandon(call_id)
+            self._drop_channel(self._local, channel)
+            raise
         if not slot.done:  # the read failed before the call was registered
             raise self._broken_error()
         if slot.ok:

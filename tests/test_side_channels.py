@@ -423,6 +423,46 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
         wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def test_an_interrupted_call_gives_up_its_side_channel() -> None:
+    """A signal handler that raises while the main thread sleeps on its side channel: the
+    channel goes (a frame may have been cut), and the next calls are answered rightly."""
+    server = pipe_rpc.spawn(CalcService, max_concurrency=2)
+    with server as calc:
+        client = client_of(server)
+        for _ in range(10):  # meet another thread's call, then ask on the next call
+            other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
+            other.start()
+            wait_until(lambda: bool(client._protocol.pending), "the other call")
+            assert calc.add(1, 1) == 2
+            other.join()
+            assert calc.add(1, 2) == 3
+            if client._local.channel is not None:
+                break
+        channel = client._local.channel
+        assert channel is not None
+        previous = signal.signal(signal.SIGALRM, _interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(_Interrupted):
+                calc.sleep_then_return(1.0, "late")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert client._local.channel is None
+        assert channel not in client._channels
+        assert [calc.add(2, i) for i in range(5)] == [2, 3, 4, 5, 6]
+        assert calc.sleep_then_return(0.0, "next") == "next"
+        wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
+
+
 def test_a_descriptor_after_a_big_frame_is_kept() -> None:
     """While the server waits for a descriptor, a big frame read in place comes first."""
     from pipe_rpc._transport import Transport
