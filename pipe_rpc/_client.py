@@ -317,12 +317,6 @@ class Client(Generic[T]):
         return self._broken
 
     @property
-    def peer_ended(self) -> bool | None:
-        """The watcher saw the server process end (``None``: no watcher; it runs with side
-        channels, which a thread of their own watches)."""
-        return None if self.watch is None else self.watch.ended
-
-    @property
     def late_replies(self) -> int:
         """Replies that came after their call had timed out, and were dropped."""
         return self._protocol.late_replies

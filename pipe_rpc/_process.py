@@ -239,16 +239,6 @@ class _Child:
             poll.register(self.process.sentinel, select.POLLIN)
         return bool(poll.poll(0))
 
-    def seen_ended(self, look: bool) -> bool:
-        """The call path's check: did the process end? A client with side channels has a
-        thread watching it, whose word costs nothing; else (``look``) one poll."""
-        if self.ended:
-            return True
-        watched = self.client.peer_ended
-        if watched is not None:
-            return watched
-        return look and self.sentinel_fired()
-
     def has_ended(self) -> bool:
         if self.ended or self.exitcode is not None or self.sentinel_fired():
             self.ended = True  # the next call takes the slow path, whatever the watcher saw yet
@@ -412,13 +402,21 @@ class Server(Generic[T]):
         """The live child for a call, restarting a dead one if the policy says so."""
         handle = self._handle
         child = handle.child
+        # The common case in attribute reads: a child not seen to end. A client with side
+        # channels has a thread watching the child, whose word costs nothing; without it
+        # a restarting server polls the sentinel.
         if (
             child is not None
-            and child.client.broken is None
+            and not child.ended
             and not handle.closed
-            and not child.seen_ended(look=self._restart_on_failure)
+            and child.client.broken is None
         ):
-            return child
+            watch = child.client.watch
+            if watch is None:
+                if not (self._restart_on_failure and child.sentinel_fired()):
+                    return child
+            elif not watch.ended:
+                return child
         with handle.lock:
             if handle.closed:
                 raise ClientClosedError("the server was closed")
@@ -442,18 +440,7 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        handle = self._handle
-        child = handle.child
-        # The hot path: a watched child, seen alive, in attribute reads; else the full check.
-        if (
-            child is None
-            or (watch := child.client.watch) is None
-            or watch.ended
-            or child.ended
-            or handle.closed
-            or child.client.broken is not None
-        ):
-            child = self._current()
+        child = self._current()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
         except CallTimeoutError:
