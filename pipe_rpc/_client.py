@@ -357,8 +357,7 @@ class Client(Generic[T]):
         call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
         if channel is not None:
             transport = channel.transport
-            if transport.blocking:
-                transport.set_blocking(False)
+            transport.set_blocking(False)
             try:
                 transport.write(frame, deadline)
             except PeerGone as exc:
@@ -404,29 +403,22 @@ class Client(Generic[T]):
                     return value
         except (PeerGone, ProtocolError, OSError) as exc:
             self._read_failed(exc)
-            raise self._broken_error() from None
+            assert self._broken is not None  # _read_failed broke the client
+            raise fresh_error(self._broken) from None
         except BaseException:  # an interrupt may have cut a frame: the channel's framing is lost
             self._drop_channel(self._local, channel)
             raise
         slot = _Slot()
         protocol.register(call_id, slot)
         try:
-            self._read_channel(slot, transport, bodies)
+            self._read_channel(slot, transport, bodies)  # done, or failed by _break
         except BaseException:
-            self._protocol.abandon(call_id)
+            protocol.abandon(call_id)
             self._drop_channel(self._local, channel)
             raise
-        if not slot.done:  # the read failed before the call was registered
-            raise self._broken_error()
         if slot.ok:
             return slot.value
         raise slot.value
-
-    def _broken_error(self) -> PipeRPCError:
-        """A fresh copy of why the connection is dead, for one more caller to raise."""
-        broken = self._broken
-        assert broken is not None, "called once the connection is broken"
-        return fresh_error(broken)
 
     def _drop_channel(self, state: _ThreadState, channel: _SideChannel) -> None:
         """Stop using this thread's side channel (its next contended call asks again)."""

@@ -73,6 +73,14 @@ from ._messages import (
 S = TypeVar("S")
 
 _BODY = struct.Struct("!BQ")
+_LENGTH = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+#: A frame at least this large is read in place into a buffer of its own.
+BIG_FRAME = 1 << 20
+#: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
+SPARE_MAX = 4 << 20
+#: How many side channels (one per calling thread) a client opens at most.
+MAX_CHANNELS = 32
 
 
 class _NotQuick:
@@ -82,14 +90,6 @@ class _NotQuick:
 
 #: What ``quick_result`` returns for a frame that is not the plain return it looked for.
 NOT_QUICK: Any = _NotQuick()
-_LENGTH = struct.Struct("!i")
-_LONG = struct.Struct("!Q")
-#: A frame at least this large is read in place into a buffer of its own.
-BIG_FRAME = 1 << 20
-#: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
-SPARE_MAX = 4 << 20
-#: How many side channels (one per calling thread) a client opens at most.
-MAX_CHANNELS = 32
 
 
 class FrameTooLargeError(ProtocolError):
