@@ -21,12 +21,13 @@ environment variable is ``0``.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import select
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ._codec import Body, Buffer
@@ -83,46 +84,42 @@ class HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
-def is_unix_stream(conn: HasFileno) -> bool:
-    """Is ``conn`` a Unix stream socket (one that can pass descriptors)?"""
+@contextlib.contextmanager
+def _borrowed(conn: HasFileno) -> Iterator[socket.socket | None]:
+    """The socket on ``conn``'s descriptor, detached afterwards, never closed (``None``:
+    not a socket, or already closed)."""
     try:
-        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
-    except OSError:
-        return False
+        sock = socket.socket(fileno=conn.fileno())
+    except (OSError, ValueError):
+        yield None
+        return
     try:
-        return sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+        yield sock
     finally:
         sock.detach()
+
+
+def is_unix_stream(conn: HasFileno) -> bool:
+    """Is ``conn`` a Unix stream socket (one that can pass descriptors)?"""
+    with _borrowed(conn) as sock:
+        return sock is not None and (sock.family, sock.type) == (socket.AF_UNIX, socket.SOCK_STREAM)
 
 
 def enlarge_buffers(conn: HasFileno) -> None:
     """Ask for larger socket buffers (fewer wake-ups for big payloads); harmless if refused."""
-    try:
-        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
-    except OSError:
-        return
-    try:
+    with _borrowed(conn) as sock:
+        if sock is None:
+            return
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-            except OSError:
-                pass
-    finally:
-        sock.detach()
 
 
 def shutdown(conn: HasFileno) -> None:
     """Shut the socket down both ways: wakes a thread polling it and tells the peer."""
-    try:
-        sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, never closed
-    except (OSError, ValueError):
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
+    with _borrowed(conn) as sock, contextlib.suppress(OSError):
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def remaining(deadline: float | None) -> float | None:
