@@ -19,12 +19,16 @@ from. The kernel then wakes each caller when its own reply comes, with no
 reader thread in between and no lock shared with other callers. At most
 ``MAX_CHANNELS`` threads get one; the others, and every thread when the
 server refuses, go on sharing the pipe. A side channel ends with its thread.
+Where the client watches the server's process and the system has eventfd, a
+side channel comes with a doorbell, which a caller with no deadline sleeps on
+before it reads its reply (see ``_protocol``).
 """
 
 from __future__ import annotations
 
 import _thread
 import copy
+import functools
 import os
 import select
 import socket
@@ -114,24 +118,43 @@ class _Slot:
 class _SideChannel:
     """A calling thread's own connection to the server; closed when the thread is gone.
 
-    It holds the bare descriptor, not a socket object: it may be collected with
-    its client in a reference cycle, in any order, and must close quietly.
+    It holds bare descriptors, not a socket object: it may be collected with its
+    client in a reference cycle, in any order, and must close quietly.
+    ``doorbell``: its eventfd, or -1. ``lock`` keeps ``wake()`` (another thread)
+    and ``close()`` apart, so that a wake never touches a reused descriptor.
     """
 
-    __slots__ = ("__weakref__", "fd", "transport")
+    __slots__ = ("__weakref__", "doorbell", "fd", "lock", "transport")
 
-    def __init__(self, sock: socket.socket, sentinel: int | None, max_frame: int | None) -> None:
+    def __init__(
+        self, sock: socket.socket, doorbell: int, sentinel: int | None, max_frame: int | None
+    ) -> None:
+        self.lock = threading.Lock()
         self.fd = sock.detach()
+        self.doorbell = doorbell
         self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame)
         _SIDE_CHANNELS.add(self)
 
     def fileno(self) -> int:
         return self.fd
 
+    def wake(self) -> None:
+        """Wake the thread sleeping on the channel, to find end of file (the socket is shut
+        down both ways) or, at its next call, a broken client."""
+        with self.lock:
+            if self.fd >= 0:
+                shutdown(self)
+            if self.doorbell >= 0:
+                os.eventfd_write(self.doorbell, 1)
+
     def close(self, _close: Callable[[int], None] = os.close) -> None:
-        fd, self.fd = self.fd, -1
+        with self.lock:
+            fd, self.fd = self.fd, -1
+            doorbell, self.doorbell = self.doorbell, -1
         if fd >= 0:
             _close(fd)
+        if doorbell >= 0:
+            _close(doorbell)
 
     def __del__(self) -> None:
         self.close()
@@ -140,9 +163,9 @@ class _SideChannel:
 class _PeerWatch:
     """A thread that sleeps until the server process ends, then says so and wakes side channels.
 
-    Threads sleep in ``read`` on their side channels, which does not watch the
-    sentinel; the shutdown wakes them (they read what is left, then end of
-    file). ``ended`` lets a ``Server`` see a death before a call, without a
+    Threads sleep in ``read`` on their side channels, or on their doorbells,
+    which do not watch the sentinel; ``wake()`` wakes them (they read what is
+    left, then end of file). ``ended`` lets a ``Server`` see a death before a call, without a
     system call of its own. ``stop()`` (the client is closed or gone) ends it.
     It holds the client's side channels but not the client.
     """
@@ -165,7 +188,7 @@ class _PeerWatch:
             if wake not in events:
                 self.ended = True
                 for channel in list(self._channels):
-                    shutdown(channel)
+                    channel.wake()
         finally:
             os.close(wake)
 
@@ -188,6 +211,7 @@ def close_inherited_channels() -> None:
     """In a child just forked: close the side channels of the parent's clients, and its
     end of their watchers' pipes (so that closing the parent's end still stops them)."""
     for channel in list(_SIDE_CHANNELS):
+        channel.lock = threading.Lock()  # a thread of the parent may have held it
         channel.close()
     for watch in list(_WATCHES):
         watch.stop()
@@ -396,6 +420,8 @@ class Client(Generic[T]):
             transport.set_blocking(True)
         try:
             transport.write(frame)
+            if channel.doorbell >= 0:  # at most once a call: the ring may come before the reply
+                os.eventfd_read(channel.doorbell)
             bodies = transport.read_wait()
             if len(bodies) == 1:
                 value = protocol.quick_result(bodies[0], call_id)
@@ -470,27 +496,32 @@ class Client(Generic[T]):
                 ours, theirs = socket.socketpair()
             except OSError:  # out of descriptors here: share the pipe for now
                 return None
+            # A doorbell only where the watcher will ring it if the server process ends.
+            doorbell = _new_doorbell() if self._sentinel is not None else -1
+            fds = [theirs.fileno()] if doorbell < 0 else [theirs.fileno(), doorbell]
             try:
                 granted = self._request(OpenChannel, deadline) and self._request(
-                    Channel, deadline, [theirs.fileno()]
+                    functools.partial(Channel, doorbell=doorbell >= 0), deadline, fds
                 )
-            except OSError:  # the descriptor could not be sent: share the pipe from now on
+            except OSError:  # the descriptors could not be sent: share the pipe from now on
                 self._channels_ok = False
                 granted = False
             finally:
                 theirs.close()
             if not granted:
                 ours.close()
+                if doorbell >= 0:
+                    os.close(doorbell)
                 return None
             enlarge_buffers(ours)
-            channel = _SideChannel(ours, self._sentinel, self._max_reply_bytes)
+            channel = _SideChannel(ours, doorbell, self._sentinel, self._max_reply_bytes)
             self._channels.add(channel)
             with self._state_lock:
                 if self._sentinel is not None and self.watch is None:
                     self.watch = _PeerWatch(self._sentinel, self._channels)
                     weakref.finalize(self, self.watch.stop)
             if self.watch is not None and self.watch.ended:  # it looked before this was added
-                shutdown(channel)
+                channel.wake()
         finally:
             with self._state_lock:
                 self._opening -= 1
@@ -499,13 +530,13 @@ class Client(Generic[T]):
 
     def _request(
         self,
-        kind: type[OpenChannel | Channel],
+        make: Callable[[int], OpenChannel | Channel],
         deadline: float | None,
         fds: list[int] | None = None,
     ) -> bool:
-        """Ask the server machinery for something; True if it granted it."""
+        """Ask the server machinery for something (``make(call_id)``); True if it granted it."""
         slot = _Slot()
-        call_id, frame = self._protocol.send_request(kind, slot)
+        call_id, frame = self._protocol.send_request(make, slot)
         try:
             self._exchange(slot, call_id, frame, deadline, fds)
         except OSError:
@@ -692,7 +723,7 @@ class Client(Generic[T]):
         if self._broken is None:
             self._broken = error
             for channel in list(self._channels):  # wake the threads reading their own
-                shutdown(channel)
+                channel.wake()
         pending = self._protocol.pending
         while pending:
             try:
@@ -724,6 +755,18 @@ class Client(Generic[T]):
         return WorkerDiedError(
             f"server process {pid} {describe_exitcode(exitcode)}{hint}", exitcode=exitcode
         )
+
+
+def _new_doorbell() -> int:
+    """A new eventfd for a side channel, blocking (-1: the system has none, or no
+    descriptor is left)."""
+    eventfd = getattr(os, "eventfd", None)
+    if eventfd is None:
+        return -1
+    try:
+        return cast(int, eventfd(0, os.EFD_CLOEXEC))
+    except OSError:
+        return -1
 
 
 def _wait_exitcode(process: HasSentinel, grace: float) -> int | None:

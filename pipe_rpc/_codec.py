@@ -234,7 +234,7 @@ class Codec:
         if isinstance(message, OpenChannel):
             return _frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
         if isinstance(message, Channel):
-            return _frame(Tag.CHANNEL, message.call_id, b"", [])
+            return _frame(Tag.CHANNEL, message.call_id, b"\x01" if message.doorbell else b"", [])
         return _frame(Tag.SHUTDOWN, 0, b"", [])
 
     def encode_call(
@@ -331,7 +331,9 @@ class Codec:
         if raw_tag == Tag.OPEN_CHANNEL:
             return OpenChannel(call_id)
         if raw_tag == Tag.CHANNEL:
-            return Channel(call_id)
+            if len(payload) > 1 or (payload and payload[0] != 1):
+                raise ProtocolError(f"a channel frame's payload is {bytes(payload[:16])!r}")
+            return Channel(call_id, doorbell=bool(payload))
         raise ProtocolError(f"unknown frame tag {raw_tag}")
 
     def _loads(

@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 #: Bumped whenever the frame layout or a payload shape changes.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: The first bytes of every hello payload, so a peer that is not pipe_rpc is spotted at once.
 HELLO_MAGIC = b"pipe_rpc"
@@ -152,14 +152,17 @@ class OpenChannel(_Record):
 class Channel(_Record):
     """This frame carries a socket (``SCM_RIGHTS``): one client thread's own connection.
 
+    With ``doorbell``, an eventfd follows the socket: the server rings it before
+    each write to the socket and when it closes it (see ``_protocol``).
     The server answers ``Return`` once it serves the socket, or ``Fail``
-    (``NO_CHANNEL``) if no descriptor came with the frame.
+    (``NO_CHANNEL``) if the descriptors did not come with the frame.
     """
 
-    __slots__ = ("call_id",)
+    __slots__ = ("call_id", "doorbell")
 
-    def __init__(self, call_id: int) -> None:
+    def __init__(self, call_id: int, doorbell: bool = False) -> None:
         self.call_id = call_id
+        self.doorbell = doorbell
 
 
 Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown | OpenChannel | Channel

@@ -33,6 +33,22 @@ exactly as the pipe does, with no hello of its own; call ids stay unique
 across all of a client's channels. The pipe alone carries the hellos, the
 requests for channels and ``Shutdown``.
 
+A side channel may have a *doorbell*: an eventfd sent with the socket in the
+same frame (``Channel(doorbell=True)``), which the server rings before each
+write to that socket and when it closes it. A caller with no deadline sleeps
+on the doorbell, then reads its socket. Linux wakes a socket's reader on the
+writer's CPU when it can (a "sync" wake-up), so a caller woken by its socket
+often lands on the server's CPU and preempts it; an eventfd wakes it where
+the scheduler finds room, most often on a CPU of its own. The ring comes
+before the write because a reply larger than the socket's buffer is written
+only as the caller reads it. The doorbell is a hint of when to read, never
+what: replies are only ever read from the socket, and a caller sleeps on the
+doorbell at most once per call (the ring it took may have been for a reply
+still being written), so a ring left over costs a sleep in ``read``, nothing
+more. A doorbell does not report a dead server process, so the client gives
+one only where it watches the server's process, and rings it itself when the
+process ends or the client breaks.
+
 A thread alone on its side channel, with no deadline, may skip the table:
 ``start_call`` gives the id and frame, and ``quick_result`` decodes the first
 frame read if it is that call's plain return, the common case. Anything else
@@ -51,7 +67,7 @@ import itertools
 import mmap
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
@@ -277,10 +293,13 @@ class ClientProtocol(Generic[S]):
                     pass
         return NOT_QUICK
 
-    def send_request(self, kind: type[OpenChannel | Channel], slot: S) -> tuple[int, list[Buffer]]:
-        """Register a request to the server machinery itself; return its id and frame."""
+    def send_request(
+        self, make: Callable[[int], OpenChannel | Channel], slot: S
+    ) -> tuple[int, list[Buffer]]:
+        """Register a request to the server machinery itself (``make(call_id)``); return
+        its id and frame."""
         call_id = next(self._ids)
-        frame = self.codec.encode(kind(call_id))
+        frame = self.codec.encode(make(call_id))
         self.pending[call_id] = slot
         return call_id, frame
 

@@ -7,8 +7,9 @@ pool of N threads and each writes its own reply under its channel's lock.
 
 Besides the pipe, the loop serves the side channels the client sends it (one
 per calling thread, see ``_protocol``): it then waits on all of them at once,
-and answers each call on the channel it came by. A side channel that reaches
-end of file is dropped; the pipe's end of file ends the loop.
+and answers each call on the channel it came by, ringing the channel's
+doorbell, if it has one, before each write. A side channel that reaches end
+of file is dropped; the pipe's end of file ends the loop.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ _MOST_CHANNELS = 2 * MAX_CHANNELS
 
 
 def _descriptor_budget() -> int | None:
-    """How many side channels this process may hold: a quarter of its open-file limit, so
-    that the service's own files keep the rest (``None``: no limit known)."""
+    """How many descriptors this process's side channels may hold: a quarter of its
+    open-file limit, so that the service's own files keep the rest (``None``: no limit
+    known)."""
     try:
         import resource
     except ImportError:  # not a POSIX system
@@ -153,25 +155,49 @@ def check_max_concurrency(max_concurrency: int) -> None:
 
 
 class _Channel:
-    """The server's end of one connection: the pipe, or a side channel it was sent."""
+    """The server's end of one connection: the pipe, or a side channel it was sent.
 
-    def __init__(self, conn: Connection | socket.socket, protocol: ServerProtocol) -> None:
+    ``doorbell``: the side channel's eventfd, rung before each write and at close.
+    """
+
+    def __init__(
+        self,
+        conn: Connection | socket.socket,
+        protocol: ServerProtocol,
+        doorbell: int | None = None,
+    ) -> None:
         self.conn = conn  # a side channel's socket is closed when it is dropped
         self.transport = Transport(conn)
         self.protocol = protocol
+        self.doorbell = doorbell
         self.lock = threading.Lock()  # pool threads write replies under it
         self.closed = False
+
+    @property
+    def descriptors(self) -> int:
+        """How many descriptors the channel holds."""
+        return 1 if self.doorbell is None else 2
+
+    def write(self, segments: list[Buffer]) -> None:
+        """Write without the lock: for the loop's thread when there is no pool."""
+        if self.doorbell is not None:
+            os.eventfd_write(self.doorbell, 1)
+        self.transport.write(segments)
 
     def send(self, segments: list[Buffer]) -> None:
         with self.lock:
             if not self.closed:
-                self.transport.write(segments)
+                self.write(segments)
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
             if isinstance(self.conn, socket.socket):
-                self.conn.close()
+                self.conn.close()  # a caller woken by the ring below reads end of file
+            doorbell, self.doorbell = self.doorbell, None
+            if doorbell is not None:
+                os.eventfd_write(doorbell, 1)
+                os.close(doorbell)
 
 
 class _Loop:
@@ -243,7 +269,7 @@ class _Loop:
             if isinstance(message, Call):
                 ok, value = self.dispatcher.run(message)
                 # One thread writes when there is no pool: no lock needed.
-                channel.transport.write(protocol.reply(message.call_id, ok, value))
+                channel.write(protocol.reply(message.call_id, ok, value))
                 return True
             if message is None:
                 return True
@@ -297,40 +323,48 @@ class _Loop:
                 transport.fds = []
             return protocol.reply(message.call_id, True, None)
         fds = transport.fds or []
-        fd = fds.pop(0) if fds else None
+        wanted = 2 if message.doorbell else 1
+        came = fds[:wanted]
+        del fds[:wanted]
         self.awaited = max(0, self.awaited - 1)
         if not self.awaited:  # back to plain reads of the pipe
             for stray in fds:
                 os.close(stray)
             transport.fds = None
-        if fd is None:
+        if len(came) < wanted:
+            for fd in came:
+                os.close(fd)
+            what = "its doorbell" if came else "a descriptor"
             why = " (dropped: the open-file limit?)" if transport.fds_lost else ""
-            return self.refuse(message.call_id, f"no descriptor came with the channel frame{why}")
-        # Checked here, not at OpenChannel: a grant whose Channel frame never comes (its
-        # request timed out) must not use up the budget.
-        budget = _descriptor_budget()
-        if budget is not None and len(self.side) >= budget:
-            os.close(fd)
-            return self.refuse(
-                message.call_id,
-                f"side channels may use {budget} descriptors, a quarter of the open-file limit",
-            )
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            return self.refuse(message.call_id, f"the descriptor is not a socket: {exc}")
-        if not is_unix_stream(sock):
-            sock.close()
-            return self.refuse(message.call_id, "the descriptor is not a Unix stream socket")
+            return self.refuse(message.call_id, f"the channel frame came without {what}{why}")
+        fd, doorbell = came[0], (came[1] if message.doorbell else None)
+        refusal = self.check_channel(fd, len(came))
+        if refusal is not None:
+            for spare in came:
+                os.close(spare)
+            return self.refuse(message.call_id, refusal)
+        sock = socket.socket(fileno=fd)
         enlarge_buffers(sock)
-        side = _Channel(sock, ServerProtocol(protocol.codec, peer=protocol.peer))
+        side = _Channel(sock, ServerProtocol(protocol.codec, peer=protocol.peer), doorbell)
         self.side[side.transport.fd] = side
         if self.poller is None:
             self.poller = Poller()
             self.poller.add(self.main.transport)
         self.poller.add(side.transport)
         return protocol.reply(message.call_id, True, None)
+
+    def check_channel(self, fd: int, count: int) -> str | None:
+        """Why a side channel of ``count`` descriptors, ``fd`` its socket, is refused
+        (``None``: it is not)."""
+        # Checked here, not at OpenChannel: a grant whose Channel frame never comes (its
+        # request timed out) must not use up the budget.
+        budget = _descriptor_budget()
+        held = sum(side.descriptors for side in self.side.values())
+        if budget is not None and held + count > budget:
+            return f"side channels may use {budget} descriptors, a quarter of the open-file limit"
+        if not is_unix_stream(fd):
+            return "the descriptor is not a Unix stream socket"
+        return None
 
     def refuse(self, call_id: int, reason: str) -> list[Buffer]:
         return self.main.protocol.codec.encode(Fail(call_id, FailKind.NO_CHANNEL, reason))

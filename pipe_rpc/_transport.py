@@ -85,11 +85,11 @@ class HasFileno(Protocol):
 
 
 @contextlib.contextmanager
-def _borrowed(conn: HasFileno) -> Iterator[socket.socket | None]:
-    """The socket on ``conn``'s descriptor, detached afterwards, never closed (``None``:
-    not a socket, or already closed)."""
+def _borrowed(conn: HasFileno | int) -> Iterator[socket.socket | None]:
+    """The socket on ``conn``'s descriptor (or on ``conn``, a descriptor), detached
+    afterwards, never closed (``None``: not a socket, or already closed)."""
     try:
-        sock = socket.socket(fileno=conn.fileno())
+        sock = socket.socket(fileno=conn if isinstance(conn, int) else conn.fileno())
     except (OSError, ValueError):
         yield None
         return
@@ -99,7 +99,7 @@ def _borrowed(conn: HasFileno) -> Iterator[socket.socket | None]:
         sock.detach()
 
 
-def is_unix_stream(conn: HasFileno) -> bool:
+def is_unix_stream(conn: HasFileno | int) -> bool:
     """Is ``conn`` a Unix stream socket (one that can pass descriptors)?"""
     with _borrowed(conn) as sock:
         return sock is not None and (sock.family, sock.type) == (socket.AF_UNIX, socket.SOCK_STREAM)

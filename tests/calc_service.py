@@ -134,6 +134,16 @@ class CalcService:
                 pass
         return inodes
 
+    def eventfds(self) -> int:
+        """How many eventfds this process has open."""
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+            except OSError:
+                pass
+        return count
+
     def use_every_descriptor(self) -> int:
         """Open descriptors until the limit is reached and keep them; how many were opened."""
         held = self.__dict__.setdefault("_held", [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import struct
 import threading
@@ -21,7 +22,7 @@ from pipe_rpc._codec import (
     _format_exception_only,
     format_traceback,
 )
-from pipe_rpc._messages import Call, Fail, Hello, Raise, Shutdown
+from pipe_rpc._messages import Call, Channel, Fail, Hello, OpenChannel, Raise, Shutdown, Tag
 from pipe_rpc._protocol import (
     BIG_FRAME,
     NOT_QUICK,
@@ -285,6 +286,24 @@ def test_shutdown_reaches_server() -> None:
     pair = Pair()
     (body,) = FrameReader().feed(_join(Codec().encode(Shutdown())))
     assert pair.server.receive(body) == Shutdown()
+
+
+@pytest.mark.parametrize("doorbell", [False, True])
+def test_a_channel_request_says_whether_a_doorbell_comes_with_the_socket(doorbell: bool) -> None:
+    pair = Pair()
+    for make in (OpenChannel, functools.partial(Channel, doorbell=doorbell)):
+        call_id, frame = pair.client.send_request(make, "slot")
+        (body,) = FrameReader().feed(_join(frame))
+        assert pair.server.receive(body) == make(call_id)
+    assert Channel(7) == Channel(7, doorbell=False) != Channel(7, doorbell=True)
+
+
+@pytest.mark.parametrize("payload", [b"\x02", b"\x01\x01", b"\x00"])
+def test_a_channel_frame_with_another_payload_is_a_protocol_error(payload: bytes) -> None:
+    pair = Pair()
+    body = struct.pack("!BQ", Tag.CHANNEL, 5) + payload
+    with pytest.raises(ProtocolError, match="channel frame"):
+        pair.server.receive(body)
 
 
 def test_frame_reader_splits_any_chunking() -> None:

@@ -11,6 +11,7 @@ a side channel belongs to its thread.
 from __future__ import annotations
 
 import array
+import functools
 import gc
 import multiprocessing
 import os
@@ -21,13 +22,15 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 import pipe_rpc
-from pipe_rpc._client import Client
+from pipe_rpc._client import Client, _Slot
+from pipe_rpc._messages import Channel, OpenChannel
 from pipe_rpc._protocol import MAX_CHANNELS
 from tests.calc_service import CalcService, CustomError
 from tests.services import StartMethod
@@ -134,6 +137,25 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
+#: The number of the ``read`` system call, as ``/proc/<pid>/task/<tid>/syscall`` shows it.
+_READ = {"x86_64": 0, "aarch64": 63}.get(os.uname().machine)
+
+
+def blocked_reading(thread: threading.Thread) -> int | None:
+    """The descriptor ``thread`` sleeps in ``read`` on, or ``None``."""
+    assert _READ is not None, f"the read system call's number on {os.uname().machine}"
+    fields = Path(f"/proc/self/task/{thread.native_id}/syscall").read_text().split()
+    if len(fields) < 2 or fields[0] != str(_READ):
+        return None
+    return int(fields[1], 16)
+
+
+def asleep_on_doorbells(client: Client[Any], threads: list[threading.Thread]) -> bool:
+    """Does every thread sleep on one of the client's doorbells?"""
+    doorbells = {channel.doorbell for channel in client._channels} - {-1}
+    return all(blocked_reading(thread) in doorbells for thread in threads)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_threads_that_call_together_get_side_channels_and_their_own_replies(
     method: StartMethod, workers: Workers
@@ -207,16 +229,19 @@ def test_threads_share_the_pipe_when_the_server_cannot_take_descriptors(
 
 
 def test_side_channels_leave_most_of_a_small_open_file_limit_to_the_service() -> None:
-    """Under ``Limits(open_files=48)`` the child takes 12 side channels, a quarter of the
-    limit, and refuses the rest, which keep sharing the pipe."""
+    """Under ``Limits(open_files=48)`` the child's side channels take 12 descriptors, a
+    quarter of the limit (6 channels, each a socket and a doorbell), and it refuses the
+    rest, which keep sharing the pipe."""
     crew = Workers(24)
+    expected = 12 // 2 if hasattr(os, "eventfd") else 12
     try:
         limits = pipe_rpc.Limits(open_files=48)
         server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=24, limits=limits)
         with server as calc:
             client = client_of(server)
-            assert crew.channels(calc, client) == 12
-            assert calc.side_channels() == 12
+            assert crew.channels(calc, client) == expected
+            assert all(channel.doorbell >= 0 for channel in client._channels) == (expected == 6)
+            assert calc.side_channels() == expected
             assert not client._channels_ok  # refused once, never asked again
             assert crew.run(lambda n: [calc.add(n, i) for i in range(20)]) == [
                 [n + i for i in range(20)] for n in range(24)
@@ -248,6 +273,8 @@ def kill_while_all_wait(
     flags = [tmp_path / f"never-{n}" for n in range(4)]
     workers.submit(lambda n: calc.wait_for_path(str(flags[n]), 30))
     wait_until(lambda: all(Path(f"{f}.started").exists() for f in flags), "four calls")
+    client = client_of(server)
+    wait_until(lambda: asleep_on_doorbells(client, workers.threads), "sleep on the doorbells")
     pid = server.pid
     assert pid is not None
     killed_at = time.monotonic()
@@ -291,6 +318,8 @@ def test_close_wakes_every_thread_waiting_on_a_side_channel(
         flags = [tmp_path / f"never-{n}" for n in range(4)]
         workers.submit(lambda n: calc.proxy.wait_for_path(str(flags[n]), 30))
         wait_until(lambda: all(Path(f"{f}.started").exists() for f in flags), "four calls")
+        client = client_of(calc)
+        wait_until(lambda: asleep_on_doorbells(client, workers.threads), "sleep on the doorbells")
         closed_at = time.monotonic()
         closer = threading.Thread(target=calc.close)
         closer.start()
@@ -360,6 +389,7 @@ def test_a_forked_child_closes_the_side_channels_it_inherits(workers: Workers) -
         with other_server as other:
             assert other.add(1, 2) == 3
             assert not ours & other.socket_inodes()
+            assert other.eventfds() == 0  # nor the doorbells
         assert calc.side_channels() == 4
 
 
@@ -372,7 +402,10 @@ def test_an_untrusted_child_serves_side_channels(workers: Workers) -> None:
         ]
 
 
-def test_a_hand_written_setup_gets_side_channels(workers: Workers) -> None:
+@pytest.mark.parametrize("watched", [True, False])
+def test_a_hand_written_setup_gets_side_channels(workers: Workers, watched: bool) -> None:
+    """With the server's process given, side channels have doorbells; without it, they
+    have none (nothing would ring one if the server died)."""
     parent, child = multiprocessing.Pipe()
     process = multiprocessing.get_context("fork").Process(
         target=pipe_rpc.serve, args=(CalcService(), child), kwargs={"max_concurrency": 4}
@@ -380,9 +413,10 @@ def test_a_hand_written_setup_gets_side_channels(workers: Workers) -> None:
     process.start()
     child.close()
     try:
-        with pipe_rpc.Client[CalcService](parent, process=process) as client:
+        with pipe_rpc.Client[CalcService](parent, process=process if watched else None) as client:
             calc = client.proxy
             assert workers.channels(calc, client) == 4
+            assert {channel.doorbell >= 0 for channel in client._channels} == {watched}
             assert workers.run(lambda n: [calc.add(n, i) for i in range(100)]) == [
                 [n + i for i in range(100)] for n in range(4)
             ]
@@ -495,3 +529,85 @@ def test_a_descriptor_after_a_big_frame_is_kept() -> None:
         finally:
             os.close(spare_r)
             os.close(spare_w)
+
+
+def _serve_then_stay(conn: Connection, ended: str) -> None:
+    """Serve until the loop ends, say so, then stay alive (until killed)."""
+    try:
+        pipe_rpc.serve(CalcService(), conn)
+    except pipe_rpc.ProtocolError:
+        pass
+    Path(ended).touch()
+    time.sleep(SETTLE * 4)
+
+
+def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path) -> None:
+    """The server loop ends (a garbage frame on the pipe) while a call waits, unread, on a
+    side channel, and the process lives on: closing the channel rings its doorbell, and
+    the caller learns the connection is lost."""
+    parent, child = multiprocessing.Pipe()
+    ended = tmp_path / "ended"
+    process = multiprocessing.get_context("fork").Process(
+        target=_serve_then_stay, args=(child, str(ended))
+    )
+    process.start()
+    child.close()
+    crew = Workers(2)
+    try:
+        client = pipe_rpc.Client[CalcService](parent, process=process)
+        calc = client.proxy
+        assert crew.channels(calc, client, serial=True) == 2
+        flag = tmp_path / "go"
+        crew.inboxes[0].put(lambda: calc.wait_for_path(str(flag), 30))  # the loop is busy
+        wait_until(Path(f"{flag}.started").exists, "the loop to be busy")
+        crew.inboxes[1].put(lambda: calc.add(1, 2))  # waits behind it
+        wait_until(lambda: asleep_on_doorbells(client, crew.threads[1:]), "the doorbell")
+        # The loop reads the pipe before the side channels: it meets this first, and ends.
+        parent.send_bytes(struct.pack("!BQ", 0x7F, 0))
+        flag.touch()
+        assert crew.outboxes[0].get(timeout=SETTLE)[:2] == (True, True)
+        ok, error, _ = crew.outboxes[1].get(timeout=SETTLE)
+        assert not ok
+        assert isinstance(error, pipe_rpc.ConnectionLostError), error
+        assert "has not exited" in str(error)
+        assert ended.exists()
+        client.close()
+    finally:
+        crew.stop()
+        process.kill()
+        process.join(SETTLE)
+
+
+def test_a_channel_frame_without_its_doorbell_is_refused_and_the_pipe_goes_on() -> None:
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=pipe_rpc.serve, args=(CalcService(), child)
+    )
+    process.start()
+    child.close()
+    ours, theirs = socket.socketpair()
+    try:
+        with pipe_rpc.Client[CalcService](parent, process=process) as client:
+            deadline = time.monotonic() + SETTLE
+            assert client._request(OpenChannel, deadline)
+            slot = _Slot()
+            call_id, frame = client._protocol.send_request(
+                functools.partial(Channel, doorbell=True), slot
+            )
+            client._exchange(slot, call_id, frame, deadline, [theirs.fileno()])
+            assert slot.done
+            assert not slot.ok
+            assert "came without its doorbell" in str(slot.value), slot.value
+            theirs.close()
+            ours.settimeout(SETTLE)
+            assert ours.recv(1) == b""  # the child closed the socket that did come
+            assert client.proxy.add(1, 2) == 3
+            assert client.proxy.side_channels() == 0
+        process.join(SETTLE)
+        assert process.exitcode == 0
+    finally:
+        ours.close()
+        theirs.close()
+        if process.exitcode is None:
+            process.kill()
+            process.join()
