@@ -43,6 +43,14 @@ _FLUSH_AFTER = 0.001
 _MOST_CHANNELS = 2 * MAX_CHANNELS
 
 
+def _is_eventfd(fd: int) -> bool:
+    """Is ``fd`` an eventfd? (True where there is no ``/proc`` to ask.)"""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return True
+
+
 def _descriptor_budget() -> int | None:
     """How many descriptors this process's side channels may hold: a quarter of its
     open-file limit, so that the service's own files keep the rest (``None``: no limit
@@ -338,7 +346,7 @@ class _Loop:
             why = " (dropped: the open-file limit?)" if transport.fds_lost else ""
             return self.refuse(message.call_id, f"the channel frame came without {what}{why}")
         fd, doorbell = came[0], (came[1] if message.doorbell else None)
-        refusal = self.check_channel(fd, len(came))
+        refusal = self.check_channel(fd, doorbell)
         if refusal is not None:
             for spare in came:
                 os.close(spare)
@@ -353,9 +361,10 @@ class _Loop:
         self.poller.add(side.transport)
         return protocol.reply(message.call_id, True, None)
 
-    def check_channel(self, fd: int, count: int) -> str | None:
-        """Why a side channel of ``count`` descriptors, ``fd`` its socket, is refused
-        (``None``: it is not)."""
+    def check_channel(self, fd: int, doorbell: int | None) -> str | None:
+        """Why the side channel of socket ``fd`` and ``doorbell`` is refused (``None``: it
+        is not)."""
+        count = 1 if doorbell is None else 2
         # Checked here, not at OpenChannel: a grant whose Channel frame never comes (its
         # request timed out) must not use up the budget.
         budget = _descriptor_budget()
@@ -364,6 +373,8 @@ class _Loop:
             return f"side channels may use {budget} descriptors, a quarter of the open-file limit"
         if not is_unix_stream(fd):
             return "the descriptor is not a Unix stream socket"
+        if doorbell is not None and not _is_eventfd(doorbell):
+            return "the doorbell is not an eventfd"
         return None
 
     def refuse(self, call_id: int, reason: str) -> list[Buffer]:

@@ -11,6 +11,7 @@ a side channel belongs to its thread.
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import gc
 import multiprocessing
@@ -578,7 +579,11 @@ def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path) -> None
         process.join(SETTLE)
 
 
-def test_a_channel_frame_without_its_doorbell_is_refused_and_the_pipe_goes_on() -> None:
+@pytest.mark.parametrize("doorbell", ["missing", "a pipe"])
+def test_a_channel_frame_without_a_true_doorbell_is_refused_and_the_pipe_goes_on(
+    doorbell: str,
+) -> None:
+    """The child closes what came, refuses the channel, and goes on serving the pipe."""
     parent, child = multiprocessing.Pipe()
     process = multiprocessing.get_context("fork").Process(
         target=pipe_rpc.serve, args=(CalcService(), child)
@@ -586,6 +591,8 @@ def test_a_channel_frame_without_its_doorbell_is_refused_and_the_pipe_goes_on() 
     process.start()
     child.close()
     ours, theirs = socket.socketpair()
+    read_end, write_end = os.pipe()
+    fds = [theirs.fileno()] if doorbell == "missing" else [theirs.fileno(), read_end]
     try:
         with pipe_rpc.Client[CalcService](parent, process=process) as client:
             deadline = time.monotonic() + SETTLE
@@ -594,13 +601,17 @@ def test_a_channel_frame_without_its_doorbell_is_refused_and_the_pipe_goes_on() 
             call_id, frame = client._protocol.send_request(
                 functools.partial(Channel, doorbell=True), slot
             )
-            client._exchange(slot, call_id, frame, deadline, [theirs.fileno()])
+            client._exchange(slot, call_id, frame, deadline, fds)
             assert slot.done
             assert not slot.ok
-            assert "came without its doorbell" in str(slot.value), slot.value
+            why = "came without its doorbell" if doorbell == "missing" else "not an eventfd"
+            assert why in str(slot.value), slot.value
             theirs.close()
+            os.close(read_end)
             ours.settimeout(SETTLE)
-            assert ours.recv(1) == b""  # the child closed the socket that did come
+            assert ours.recv(1) == b""  # the child closed the socket that came
+            with pytest.raises(BrokenPipeError):  # and the pipe's end
+                os.write(write_end, b"x")
             assert client.proxy.add(1, 2) == 3
             assert client.proxy.side_channels() == 0
         process.join(SETTLE)
@@ -608,6 +619,9 @@ def test_a_channel_frame_without_its_doorbell_is_refused_and_the_pipe_goes_on() 
     finally:
         ours.close()
         theirs.close()
+        for fd in (read_end, write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if process.exitcode is None:
             process.kill()
             process.join()
