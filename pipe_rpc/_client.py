@@ -211,10 +211,20 @@ def close_inherited_channels() -> None:
     """In a child just forked: close the side channels of the parent's clients, and its
     end of their watchers' pipes (so that closing the parent's end still stops them)."""
     for channel in list(_SIDE_CHANNELS):
-        channel.lock = threading.Lock()  # a thread of the parent may have held it
         channel.close()
     for watch in list(_WATCHES):
         watch.stop()
+
+
+def _fresh_channel_locks() -> None:
+    """In any child just forked: a thread of the parent may have held a channel's lock,
+    and a held lock would never be released there (closing the channel would hang)."""
+    for channel in list(_SIDE_CHANNELS):
+        channel.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_channel_locks)
 
 
 class _ThreadState(threading.local):

@@ -394,6 +394,33 @@ def test_a_forked_child_closes_the_side_channels_it_inherits(workers: Workers) -
         assert calc.side_channels() == 4
 
 
+def test_a_side_channel_locked_at_a_fork_still_closes_in_the_child(workers: Workers) -> None:
+    """A fork while a thread holds a channel's lock (as ``wake()`` does): the child's copy
+    of the lock would stay held for ever, and closing the channel there would hang."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4)
+    with server as calc:
+        client = client_of(server)
+        assert workers.channels(calc, client) == 4
+        channel = next(iter(client._channels))
+        with channel.lock:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the child)
+                try:
+                    channel.close()
+                finally:
+                    os._exit(0)
+        deadline = time.monotonic() + SETTLE
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("closing the channel hung in the child")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+        assert channel.fd >= 0  # the parent's is untouched
+        assert workers.run(lambda n: calc.add(n, 1)) == [1, 2, 3, 4]
+
+
 def test_an_untrusted_child_serves_side_channels(workers: Workers) -> None:
     server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4, untrusted=True)
     with server as calc:
