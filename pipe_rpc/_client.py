@@ -121,7 +121,9 @@ class _SideChannel:
     It holds bare descriptors, not a socket object: it may be collected with its
     client in a reference cycle, in any order, and must close quietly.
     ``doorbell``: its eventfd, or -1. ``lock`` keeps ``wake()`` (another thread)
-    and ``close()`` apart, so that a wake never touches a reused descriptor.
+    and ``close()`` apart, so that a wake never touches a reused descriptor. It is
+    reentrant: a garbage collection that starts inside ``wake()`` may run a finalizer
+    that breaks the same client, which wakes this channel again.
     """
 
     __slots__ = ("__weakref__", "doorbell", "fd", "lock", "transport")
@@ -129,7 +131,7 @@ class _SideChannel:
     def __init__(
         self, sock: socket.socket, doorbell: int, sentinel: int | None, max_frame: int | None
     ) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.fd = sock.detach()
         self.doorbell = doorbell
         self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame)
@@ -220,7 +222,7 @@ def _fresh_channel_locks() -> None:
     """In any child just forked: a thread of the parent may have held a channel's lock,
     and a held lock would never be released there (closing the channel would hang)."""
     for channel in list(_SIDE_CHANNELS):
-        channel.lock = threading.Lock()
+        channel.lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -509,19 +511,20 @@ class Client(Generic[T]):
             # A doorbell only where the watcher will ring it if the server process ends.
             doorbell = _new_doorbell() if self._sentinel is not None else -1
             fds = [theirs.fileno()] if doorbell < 0 else [theirs.fileno(), doorbell]
+            granted = False
             try:
                 granted = self._request(OpenChannel, deadline) and self._request(
                     functools.partial(Channel, doorbell=doorbell >= 0), deadline, fds
                 )
             except OSError:  # the descriptors could not be sent: share the pipe from now on
                 self._channels_ok = False
-                granted = False
-            finally:
+            finally:  # an interrupt too: the doorbell is a bare descriptor, nothing else closes it
                 theirs.close()
+                if not granted:
+                    ours.close()
+                    if doorbell >= 0:
+                        os.close(doorbell)
             if not granted:
-                ours.close()
-                if doorbell >= 0:
-                    os.close(doorbell)
                 return None
             enlarge_buffers(ours)
             channel = _SideChannel(ours, doorbell, self._sentinel, self._max_reply_bytes)

@@ -14,6 +14,7 @@ of file is dropped; the pipe's end of file ends the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -201,7 +202,11 @@ class _Channel:
         with self.lock:
             self.closed = True
             if isinstance(self.conn, socket.socket):
-                self.conn.close()  # a caller woken by the ring below reads end of file
+                # Shut down first: a process the service forked may hold the socket too,
+                # and the caller woken by the ring below must read end of file.
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+                self.conn.close()
             doorbell, self.doorbell = self.doorbell, None
             if doorbell is not None:
                 os.eventfd_write(doorbell, 1)

@@ -22,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -405,10 +406,12 @@ def test_a_side_channel_locked_at_a_fork_still_closes_in_the_child(workers: Work
         with channel.lock:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the child)
+                code = 1
                 try:
                     channel.close()
+                    code = 0 if channel.fd == channel.doorbell == -1 else 2
                 finally:
-                    os._exit(0)
+                    os._exit(code)
         deadline = time.monotonic() + SETTLE
         while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
             if time.monotonic() > deadline:
@@ -417,7 +420,6 @@ def test_a_side_channel_locked_at_a_fork_still_closes_in_the_child(workers: Work
                 pytest.fail("closing the channel hung in the child")
             time.sleep(0.01)
         assert os.waitstatus_to_exitcode(status[1]) == 0
-        assert channel.fd >= 0  # the parent's is untouched
         assert workers.run(lambda n: calc.add(n, 1)) == [1, 2, 3, 4]
 
 
@@ -569,10 +571,12 @@ def _serve_then_stay(conn: Connection, ended: str) -> None:
     time.sleep(SETTLE * 4)
 
 
-def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grandchild", [False, True])
+def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path, grandchild: bool) -> None:
     """The server loop ends (a garbage frame on the pipe) while a call waits, unread, on a
     side channel, and the process lives on: closing the channel rings its doorbell, and
-    the caller learns the connection is lost."""
+    the caller learns the connection is lost. So it does when a process the service forked
+    holds the channel's socket too (the loop shuts the socket down)."""
     parent, child = multiprocessing.Pipe()
     ended = tmp_path / "ended"
     process = multiprocessing.get_context("fork").Process(
@@ -585,6 +589,8 @@ def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path) -> None
         client = pipe_rpc.Client[CalcService](parent, process=process)
         calc = client.proxy
         assert crew.channels(calc, client, serial=True) == 2
+        if grandchild:
+            holder = calc.fork_sleeper(SETTLE * 4)
         flag = tmp_path / "go"
         crew.inboxes[0].put(lambda: calc.wait_for_path(str(flag), 30))  # the loop is busy
         wait_until(Path(f"{flag}.started").exists, "the loop to be busy")
@@ -602,6 +608,9 @@ def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path) -> None
         client.close()
     finally:
         crew.stop()
+        if grandchild:
+            with contextlib.suppress(NameError, ProcessLookupError):
+                os.kill(holder, signal.SIGKILL)
         process.kill()
         process.join(SETTLE)
 
@@ -637,8 +646,9 @@ def test_a_channel_frame_without_a_true_doorbell_is_refused_and_the_pipe_goes_on
             os.close(read_end)
             ours.settimeout(SETTLE)
             assert ours.recv(1) == b""  # the child closed the socket that came
-            with pytest.raises(BrokenPipeError):  # and the pipe's end
-                os.write(write_end, b"x")
+            if doorbell == "a pipe":
+                with pytest.raises(BrokenPipeError):  # and the pipe's end, sent as the doorbell
+                    os.write(write_end, b"x")
             assert client.proxy.add(1, 2) == 3
             assert client.proxy.side_channels() == 0
         process.join(SETTLE)
@@ -652,3 +662,56 @@ def test_a_channel_frame_without_a_true_doorbell_is_refused_and_the_pipe_goes_on
         if process.exitcode is None:
             process.kill()
             process.join()
+
+
+def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell() -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    with server as calc:
+        client = client_of(server)
+        for _ in range(10):  # meet another thread's call, so the next call asks for a channel
+            other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
+            other.start()
+            wait_until(lambda: bool(client._protocol.pending), "the other call")
+            assert calc.add(1, 1) == 2
+            other.join()
+            if client._local.contended:
+                break
+        assert client._local.contended
+        # The child is busy, so the request for a channel waits, and the interrupt comes then.
+        busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, 0))
+        busy.start()
+        wait_until(lambda: bool(client._protocol.pending), "the busy call")
+        gc.collect()
+        before = CalcService().eventfds()  # this process's
+        previous = signal.signal(signal.SIGALRM, _interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(_Interrupted) as raised:
+                calc.add(1, 2)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert "_open_channel" in [frame.name for frame in traceback.extract_tb(raised.tb)]
+        busy.join()
+        gc.collect()
+        assert CalcService().eventfds() == before
+        assert calc.add(2, 2) == 4
+
+
+def test_a_wake_within_a_wake_of_the_same_channel_goes_through(workers: Workers) -> None:
+    """A garbage collection that starts inside ``wake()`` may run a finalizer that breaks
+    the same client, which wakes the same channel again, on the same thread."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4)
+    with server:
+        client = client_of(server)
+        assert workers.channels(server.proxy, client) == 4
+        channel = next(iter(client._channels))
+
+        def wake_twice() -> None:
+            with channel.lock:  # as wake() holds it
+                channel.wake()
+
+        waker = threading.Thread(target=wake_twice, daemon=True)
+        waker.start()
+        waker.join(SETTLE)
+        assert not waker.is_alive(), "the second wake waited for the first for ever"
