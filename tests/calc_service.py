@@ -136,13 +136,18 @@ class CalcService:
 
     def eventfds(self) -> int:
         """How many eventfds this process has open."""
-        count = 0
+        return len(self.eventfd_numbers())
+
+    def eventfd_numbers(self) -> set[int]:
+        """The descriptors of the eventfds this process has open."""
+        found = set()
         for name in os.listdir("/proc/self/fd"):
             try:
-                count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+                if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]":
+                    found.add(int(name))
             except OSError:
                 pass
-        return count
+        return found
 
     def use_every_descriptor(self) -> int:
         """Open descriptors until the limit is reached and keep them; how many were opened."""

@@ -682,7 +682,7 @@ def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell()
         busy.start()
         wait_until(lambda: bool(client._protocol.pending), "the busy call")
         gc.collect()
-        before = CalcService().eventfds()  # this process's
+        before = CalcService().eventfd_numbers()  # this process's
         previous = signal.signal(signal.SIGALRM, _interrupt)
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.2)
@@ -694,7 +694,7 @@ def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell()
         assert "_open_channel" in [frame.name for frame in traceback.extract_tb(raised.tb)]
         busy.join()
         gc.collect()
-        assert CalcService().eventfds() == before
+        assert not CalcService().eventfd_numbers() - before  # (others may have closed)
         assert calc.add(2, 2) == 4
 
 
