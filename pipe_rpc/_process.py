@@ -383,7 +383,10 @@ class Server(Generic[T]):
             allowed_types=self._allowed_types,
             max_reply_bytes=max_reply,
         )
-        client.death_hint = self._hint
+        if self._limits is not None:
+            # The limits' own method: a method of this server would keep it alive through
+            # the handle, which its finalizer holds, and it would never be collected.
+            client.death_hint = self._limits.explain
         child = _Child(guarded, client)
         self._handle.child = child
         try:
@@ -394,9 +397,6 @@ class Server(Generic[T]):
         except PipeRPCError as exc:
             child.stop(graceful=0)
             raise StartupError(f"the child failed while starting: {exc}") from exc
-
-    def _hint(self, exitcode: int) -> str:
-        return "" if self._limits is None else self._limits.explain(exitcode)
 
     def _current(self) -> _Child:
         """The live child for a call, restarting a dead one if the policy says so."""

@@ -8,6 +8,7 @@ took from the faulty call (or the parent's death) to the fault being reported
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import select
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -122,6 +124,23 @@ def killer(method: StartMethod) -> Iterator[pipe_rpc.Server[Victim]]:
 
 
 # -- 1-3: timeouts that kill ----------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("limits", [None, pipe_rpc.Limits(open_files=64)])
+def test_a_server_dropped_without_close_is_collected_and_its_child_ends(
+    limits: pipe_rpc.Limits | None,
+) -> None:
+    """README: a handle that is garbage-collected is closed."""
+    server = pipe_rpc.spawn(Victim, start_method="fork", limits=limits)
+    assert server.proxy.ping() == "pong"
+    pid = server.pid
+    assert pid is not None
+    collected = weakref.ref(server)
+    del server
+    gc.collect()
+    assert collected() is None, "something still refers to the server"
+    assert wait_for(lambda: pid_gone(pid), 5.0) is not None
 
 
 @pytest.mark.timeout(30)
