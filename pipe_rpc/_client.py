@@ -167,8 +167,9 @@ class _PeerWatch:
 
     Threads sleep in ``read`` on their side channels, or on their doorbells,
     which do not watch the sentinel; ``wake()`` wakes them (they read what is
-    left, then end of file). ``ended`` lets a ``Server`` see a death before a call, without a
-    system call of its own. ``stop()`` (the client is closed or gone) ends it.
+    left, then end of file). ``ended`` lets a ``Server`` see a death before a
+    call, without a system call of its own. ``stop()`` (the client is closed or
+    gone) ends it.
     It holds the client's side channels but not the client.
     """
 

@@ -14,7 +14,6 @@ of file is dropped; the pipe's end of file ends the loop.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -34,6 +33,7 @@ from ._transport import (
     Transport,
     enlarge_buffers,
     is_unix_stream,
+    shutdown,
 )
 
 #: A serial call that ran longer than this flushes replies held for batching.
@@ -204,8 +204,7 @@ class _Channel:
             if isinstance(self.conn, socket.socket):
                 # Shut down first: a process the service forked may hold the socket too,
                 # and the caller woken by the ring below must read end of file.
-                with contextlib.suppress(OSError):
-                    self.conn.shutdown(socket.SHUT_RDWR)
+                shutdown(self.conn)
                 self.conn.close()
             doorbell, self.doorbell = self.doorbell, None
             if doorbell is not None:

@@ -487,6 +487,16 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
         wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
 
 
+def meet_another_call(calc: CalcService, client: Client[Any]) -> None:
+    """Call while another thread's call is in flight (most often: this thread then asks
+    for a side channel on its next call)."""
+    other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
+    other.start()
+    wait_until(lambda: bool(client._protocol.pending), "the other call")
+    assert calc.add(1, 1) == 2
+    other.join()
+
+
 class _Interrupted(Exception):
     pass
 
@@ -502,11 +512,7 @@ def test_an_interrupted_call_gives_up_its_side_channel() -> None:
     with server as calc:
         client = client_of(server)
         for _ in range(10):  # meet another thread's call, then ask on the next call
-            other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
-            other.start()
-            wait_until(lambda: bool(client._protocol.pending), "the other call")
-            assert calc.add(1, 1) == 2
-            other.join()
+            meet_another_call(calc, client)
             assert calc.add(1, 2) == 3
             if client._local.channel is not None:
                 break
@@ -585,6 +591,7 @@ def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path, grandch
     process.start()
     child.close()
     crew = Workers(2)
+    holder: int | None = None  # the grandchild
     try:
         client = pipe_rpc.Client[CalcService](parent, process=process)
         calc = client.proxy
@@ -608,8 +615,8 @@ def test_a_loop_that_ends_wakes_a_caller_on_its_doorbell(tmp_path: Path, grandch
         client.close()
     finally:
         crew.stop()
-        if grandchild:
-            with contextlib.suppress(NameError, ProcessLookupError):
+        if holder is not None:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(holder, signal.SIGKILL)
         process.kill()
         process.join(SETTLE)
@@ -669,11 +676,7 @@ def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell()
     with server as calc:
         client = client_of(server)
         for _ in range(10):  # meet another thread's call, so the next call asks for a channel
-            other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
-            other.start()
-            wait_until(lambda: bool(client._protocol.pending), "the other call")
-            assert calc.add(1, 1) == 2
-            other.join()
+            meet_another_call(calc, client)
             if client._local.contended:
                 break
         assert client._local.contended
