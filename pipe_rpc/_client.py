@@ -4,7 +4,9 @@ Threads share one client. A call registers its slot, writes its frame under
 the write lock, then waits for its reply.
 
 A caller alone on a client reads its own reply: it takes the read lock and
-polls the pipe, with no other thread involved. When a second thread calls
+polls the pipe, with no other thread involved. With no deadline and no call
+pending it does not even enter its call in the pending table unless the
+reply that comes is not its plain return value (``_call_alone``). When a second thread calls
 while the first is reading, the client starts a *reader thread*: from then on
 callers sleep on a lock of their own, and the reader takes every reply that
 has come in one read, matches each to its call, and wakes the owners just
@@ -390,6 +392,14 @@ class Client(Generic[T]):
                 raise fresh_error(self._broken)
         if channel is not None and deadline is None:
             return self._call_channel(channel, method, args, kwargs)
+        if (
+            deadline is None
+            and channel is None
+            and self._reader is None
+            and not self._protocol.pending
+            and self._read_lock.acquire(False)
+        ):
+            return self._call_alone(method, args, kwargs)
         slot = _Slot()
         call_id, frame = self._protocol.send_call(method, args, kwargs, slot)
         if channel is not None:
@@ -455,6 +465,57 @@ class Client(Generic[T]):
             protocol.abandon(call_id)
             self._drop_channel(self._local, channel)
             raise
+        if slot.ok:
+            return slot.value
+        raise slot.value
+
+    def _call_alone(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call with no deadline by a thread alone on the pipe: the hot path of one thread.
+
+        The caller holds the read lock, and no call was pending: no other thread
+        reads, so the reply can only come to this one. Most often one read brings
+        exactly this call's return value, decoded without the pending table; anything
+        else (another thread's reply too, a raise) is handed out as by ``_read_once``,
+        this call registered first.
+        """
+        protocol = self._protocol
+        transport = self._transport
+        try:
+            call_id, frame = protocol.start_call(method, args, kwargs)
+            with self._write_lock:
+                try:
+                    transport.write(frame)
+                except PeerGone as exc:
+                    self._break(self._lost(str(exc)))
+            if self._broken is None:
+                try:
+                    bodies = transport.read_blocking()
+                except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
+                    self._read_failed(exc)
+            if self._broken is not None:
+                raise fresh_error(self._broken)
+            if len(bodies) == 1:
+                value = protocol.quick_result(bodies[0], call_id)
+                if value is not NOT_QUICK:
+                    return value
+            slot = _Slot()
+            protocol.register(call_id, slot)
+            woken: list[Any] = []
+            try:
+                for body in bodies:
+                    got = protocol.receive(body)
+                    if got is not None:
+                        waiter = self._deliver(*got)
+                        if waiter is not None:
+                            woken.append(waiter)
+            except (StartupFailedSignal, ProtocolError) as exc:
+                self._read_failed(exc)
+            finally:
+                for waiter in woken:
+                    _signal(waiter)
+            self._read_for(slot, call_id, None)
+        finally:
+            self._read_lock.release()
         if slot.ok:
             return slot.value
         raise slot.value

@@ -487,12 +487,18 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
         wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
 
 
+def in_call(client: Client[Any]) -> bool:
+    """Is a call in progress? (A lone caller with no deadline reads its reply unregistered,
+    holding the read lock.)"""
+    return bool(client._protocol.pending) or client._read_lock.locked()
+
+
 def meet_another_call(calc: CalcService, client: Client[Any]) -> None:
     """Call while another thread's call is in flight (most often: this thread then asks
     for a side channel on its next call)."""
     other = threading.Thread(target=calc.sleep_then_return, args=(0.2, 0))
     other.start()
-    wait_until(lambda: bool(client._protocol.pending), "the other call")
+    wait_until(lambda: in_call(client), "the other call")
     assert calc.add(1, 1) == 2
     other.join()
 
@@ -683,7 +689,7 @@ def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell()
         # The child is busy, so the request for a channel waits, and the interrupt comes then.
         busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, 0))
         busy.start()
-        wait_until(lambda: bool(client._protocol.pending), "the busy call")
+        wait_until(lambda: in_call(client), "the busy call")
         gc.collect()
         before = CalcService().eventfd_numbers()  # this process's
         previous = signal.signal(signal.SIGALRM, _interrupt)
