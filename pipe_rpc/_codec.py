@@ -276,6 +276,11 @@ class Codec:
         if type(value) is bytes and len(value) >= OOB_BYTES:
             wrapped = pickle.PickleBuffer(value)
             return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
+        if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
+            payload = pickle.dumps(value, 5)
+            if len(payload) + 9 < _JOIN_BELOW:
+                return [_HEAD.pack(len(payload) + 9, RETURN, call_id) + payload]
+            return _frame(RETURN, call_id, payload, [])
         return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
