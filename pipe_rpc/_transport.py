@@ -8,7 +8,7 @@ The descriptor is non-blocking: every wait is a ``poll`` that also watches
 the peer process's sentinel and never outlives the caller's deadline.
 
 Before it sleeps in ``poll``, a reader *spins* for up to ``SPIN_SECONDS``,
-trying non-blocking reads: when the peer answers within microseconds, as a
+polling without waiting: when the peer answers within microseconds, as a
 small call's reply or a tight loop's next call does, this saves the cost of
 putting the process to sleep and waking it again, which is most of a small
 call's round trip. The spin is adaptive: it is tried only when the previous
@@ -331,19 +331,24 @@ class Transport:
         return self.read_available()
 
     def _spin(self, timeout: float | None) -> list[Body]:
-        """Try non-blocking reads for up to the spin window (and ``timeout``)."""
+        """Poll without waiting for up to the spin window (and ``timeout``), and read once
+        the descriptor is readable. A poll that finds nothing costs a quarter of a read
+        that finds nothing (which raises), so the spinner sees a reply sooner."""
         clock = time.perf_counter_ns
         spin = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         end = clock() + spin
-        read = self.read_available
+        poll = self._poll.poll
+        ready = [(self.fd, select.POLLIN)]
         while True:
-            frames = read()
-            if frames:
-                return frames
+            events = poll(0)
+            if events:
+                frames = self.read_available()
+                if frames or events != ready:  # the sentinel too: read() sorts it out
+                    return frames
             _give_way()
             if clock() >= end:
                 self._spin_next = False
-                return frames
+                return []
 
     def read_available(self) -> list[Body]:
         """Read what is there without waiting; raise PeerGone at end of file."""
