@@ -6,13 +6,13 @@ the write lock, then waits for its reply.
 A caller alone on a client reads its own reply: it takes the read lock and
 polls the pipe, with no other thread involved. With no deadline and no call
 pending it does not even enter its call in the pending table unless the
-reply that comes is not its plain return value (``_call_alone``). When a second thread calls
-while the first is reading, the client starts a *reader thread*: from then on
-callers sleep on a lock of their own, and the reader takes every reply that
-has come in one read, matches each to its call, and wakes the owners just
-before it sleeps again (so a woken caller finds the interpreter free). The
-reader thread ends once no call has been pending for ``_READER_LINGER``
-seconds, and the next lone caller reads for itself again.
+reply that comes is not its plain return value (``_call_alone``). When a
+second thread calls while the first is reading, the client starts a *reader
+thread*: from then on callers sleep on a lock of their own, and the reader
+takes every reply that has come in one read, matches each to its call, and
+wakes the owners just before it sleeps again (so a woken caller finds the
+interpreter free). The reader thread ends once no call has been pending for
+``_READER_LINGER`` seconds, and the next lone caller reads for itself again.
 
 A thread that found another call in progress gets a *side channel* on its
 next call, where the pipe is a Unix socket (see ``_protocol``): a socket of
@@ -487,12 +487,14 @@ class Client(Generic[T]):
                     transport.write(frame)
                 except PeerGone as exc:
                     self._break(self._lost(str(exc)))
+            bodies: list[Body] | None = None
             if self._broken is None:
                 try:
                     bodies = transport.read_blocking()
                 except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
-                    self._read_failed(exc)
-            if self._broken is not None:
+                    self._read_failed(exc)  # breaks the client
+            if bodies is None:  # a reply that came is returned, even if the client broke since
+                assert self._broken is not None
                 raise fresh_error(self._broken)
             if len(bodies) == 1:
                 value = protocol.quick_result(bodies[0], call_id)
