@@ -475,7 +475,7 @@ class Client(Generic[T]):
         The caller holds the read lock, and no call was pending: no other thread
         reads, so the reply can only come to this one. Most often one read brings
         exactly this call's return value, decoded without the pending table; anything
-        else (another thread's reply too, a raise) is handed out as by ``_read_once``,
+        else (another thread's reply too, a raise) is handed out by ``_hand_out``,
         this call registered first.
         """
         protocol = self._protocol
@@ -502,19 +502,10 @@ class Client(Generic[T]):
                     return value
             slot = _Slot()
             protocol.register(call_id, slot)
-            woken: list[Any] = []
             try:
-                for body in bodies:
-                    got = protocol.receive(body)
-                    if got is not None:
-                        waiter = self._deliver(*got)
-                        if waiter is not None:
-                            woken.append(waiter)
+                self._hand_out(bodies)
             except (StartupFailedSignal, ProtocolError) as exc:
                 self._read_failed(exc)
-            finally:
-                for waiter in woken:
-                    _signal(waiter)
             self._read_for(slot, call_id, None)
         finally:
             self._read_lock.release()
@@ -705,16 +696,26 @@ class Client(Generic[T]):
         ``transport``: a side channel instead of the pipe. Owners are woken after the
         whole read is handed out.
         """
+        try:
+            self._hand_out((transport or self._transport).read(timeout, spin))
+        except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
+            self._read_failed(exc)
+
+    def _hand_out(self, bodies: list[Body]) -> None:
+        """Give each reply in ``bodies`` to its call; wake the owners once all are handed out.
+
+        Raises:
+            ProtocolError, StartupFailedSignal: as ``receive`` (the owners of the replies
+                handed out before are woken all the same).
+        """
         woken: list[Any] = []
         try:
-            for body in (transport or self._transport).read(timeout, spin):
+            for body in bodies:
                 got = self._protocol.receive(body)
                 if got is not None:
                     waiter = self._deliver(*got)
                     if waiter is not None:
                         woken.append(waiter)
-        except (PeerGone, StartupFailedSignal, ProtocolError, OSError) as exc:
-            self._read_failed(exc)
         finally:
             for waiter in woken:
                 _signal(waiter)
