@@ -171,10 +171,17 @@ def _fast_frame(
         return [_HEAD.pack(size, tag, call_id) + payload]  # the common case
     if _names_main(payload):
         payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
-    size = len(payload) + 9
-    if size < _JOIN_BELOW and not buffers:
-        return [_HEAD.pack(size, tag, call_id) + payload]
+    if not buffers:
+        return _in_band_frame(tag, call_id, payload)
     return _frame(tag, call_id, payload, buffers, as_bytes)
+
+
+def _in_band_frame(tag: int, call_id: int, payload: bytes) -> list[Buffer]:
+    """``_frame`` for a payload with no out-of-band buffer, a short frame packed at once."""
+    size = len(payload) + 9
+    if size < _JOIN_BELOW:
+        return [_HEAD.pack(size, tag, call_id) + payload]
+    return _frame(tag, call_id, payload, [])
 
 
 def _length(size: int) -> bytes:
@@ -253,10 +260,7 @@ class Codec:
             if kind not in _ATOMIC:
                 plain = False
         if plain:  # no buffer to send out of band, no global to look for in __main__
-            payload = pickle.dumps((method, args, kwargs), 5)
-            if len(payload) + 9 < _JOIN_BELOW:
-                return [_HEAD.pack(len(payload) + 9, CALL, call_id) + payload]
-            return _frame(CALL, call_id, payload, [])
+            return _in_band_frame(CALL, call_id, pickle.dumps((method, args, kwargs), 5))
         for arg in kwargs.values():
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
                 wrap = wrap or _OutOfBandBytes()
@@ -277,10 +281,7 @@ class Codec:
             wrapped = pickle.PickleBuffer(value)
             return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
-            payload = pickle.dumps(value, 5)
-            if len(payload) + 9 < _JOIN_BELOW:
-                return [_HEAD.pack(len(payload) + 9, RETURN, call_id) + payload]
-            return _frame(RETURN, call_id, payload, [])
+            return _in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
         return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
