@@ -2,7 +2,7 @@
 
 import typing as _typing
 
-from ._client import Client, options
+from ._client import Client
 from ._errors import (
     CallTimeoutError,
     ClientClosedError,
@@ -17,6 +17,7 @@ from ._errors import (
     WorkerDiedError,
 )
 from ._process import Server, spawn
+from ._proxy import options
 from ._server import serve
 
 if _typing.TYPE_CHECKING:

@@ -1,10 +1,9 @@
-"""Frames and payloads: the only module that pickles.
+"""Payloads: the only module that pickles.
 
-A frame is what ``Connection.send_bytes`` would write: a 4-byte big-endian
-length (``-1`` then an 8-byte length above 2 GiB), then the body. The body is
-``tag (1 byte) | call id (8 bytes) | payload``. Keeping the tag and call id out
-of the pickle means a payload that will not unpickle fails only its own call,
-and a body that is not even a frame is spotted before anything is unpickled.
+Messages become frames laid out by ``_wire`` (``tag | call id | payload``).
+Keeping the tag and call id out of the pickle means a payload that will not
+unpickle fails only its own call, and a body that is not even a frame is
+spotted before anything is unpickled.
 
 Payloads are pickled with protocol 5. The standard pickler is tried first
 (it is several times faster); cloudpickle is used when it fails, or when the
@@ -13,8 +12,7 @@ sends such objects by value, so they also work in a child that cannot import
 the parent's ``__main__``; a larger pickle is not scanned, as the scan would
 cost as much as the copy). Buffers
 that pickle hands out of band (numpy arrays, ``PickleBuffer``) are written
-after the pickle without a copy; the frame tag then has ``OUT_OF_BAND`` set
-and the payload starts with the count and sizes of the buffers. A ``bytes``
+after the pickle without a copy (``_wire.frame``). A ``bytes``
 argument or result of at least ``OOB_BYTES`` goes out of band too, as a
 ``PickleBuffer``: its size has ``AS_BYTES`` set, and the reader hands pickle a
 ``bytes`` copy of it, so it unpickles as the very ``bytes`` it was (a copy
@@ -53,32 +51,27 @@ from ._messages import (
     StartupFailed,
     Tag,
 )
+from ._wire import (
+    BODY_HEAD,
+    BODY_HEAD_SIZE,
+    HEAD,
+    OUT_OF_BAND,
+    Body,
+    Buffer,
+    frame,
+    in_band_frame,
+    split_out_of_band,
+)
 
 # cloudpickle and the restricted unpickler are imported when first needed: a child
 # started by spawn or forkserver imports this module, and every millisecond of
 # import is a millisecond of spawn().
 
-Buffer = bytes | bytearray | memoryview | pickle.PickleBuffer
-#: One frame's body as the reader hands it out.
-Body = bytes | bytearray | memoryview
-
-_HEAD = struct.Struct("!iBQ")  # length, tag, call id: the head of a frame under 2 GiB
-_LENGTH = struct.Struct("!i")
-_LONG_LENGTH = struct.Struct("!iQ")
-_BODY = struct.Struct("!BQ")
 _HELLO = struct.Struct("!HI")
-_COUNT = struct.Struct("!I")
-_SIZE = struct.Struct("!Q")
-OUT_OF_BAND = 0x80
 # The tags as plain ints for the hot paths (comparing with an IntEnum member is slower).
 CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
-MAX_SHORT_FRAME = 0x7FFFFFFF
-#: Below this a frame is joined into one bytes object before writing.
-_JOIN_BELOW = 1 << 16
 #: A ``bytes`` argument or result this long is written out of band, not copied into the pickle.
 OOB_BYTES = 1 << 16
-#: In the buffer table: this buffer was a ``bytes`` object; rebuild it as one.
-AS_BYTES = 1 << 63
 
 _BUILTIN_EXCEPTIONS = frozenset(
     obj
@@ -115,32 +108,6 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
 
 
-def _frame(
-    tag: int,
-    call_id: int,
-    payload: bytes,
-    buffers: list[pickle.PickleBuffer],
-    as_bytes: Collection[pickle.PickleBuffer] = (),
-) -> list[Buffer]:
-    """Lay out one frame as segments ready for ``os.writev``.
-
-    ``as_bytes``: the buffers that stand for ``bytes`` objects (flagged ``AS_BYTES``).
-    """
-    if buffers:
-        raws = [b.raw() for b in buffers]
-        table = _COUNT.pack(len(raws)) + b"".join(
-            _SIZE.pack(r.nbytes | AS_BYTES if any(b is m for m in as_bytes) else r.nbytes)
-            for b, r in zip(buffers, raws, strict=True)
-        )
-        size = 9 + len(table) + len(payload) + sum(r.nbytes for r in raws)
-        return [_length(size) + _BODY.pack(tag | OUT_OF_BAND, call_id) + table, payload, *raws]
-    size = 9 + len(payload)
-    head = _length(size) + _BODY.pack(tag, call_id)
-    if size < _JOIN_BELOW:
-        return [head + payload]
-    return [head, payload]
-
-
 #: Argument types whose pickle holds neither a global nor an out-of-band buffer.
 _ATOMIC = frozenset({int, float, bool, type(None), str, bytes})
 #: Pickles up to this size are scanned for references to ``__main__``.
@@ -160,34 +127,20 @@ def _fast_frame(
     method: str,
     as_bytes: Collection[pickle.PickleBuffer] = (),
 ) -> list[Buffer]:
-    """``_frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
+    """``frame(tag, call_id, dumps(obj))``, the common case (small, plain pickle) inlined."""
     buffers: list[pickle.PickleBuffer] = []
     try:
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
     except (Exception, SystemExit):
         payload = b"__main__"  # take the full path below
-    size = len(payload) + 9
+    size = len(payload) + BODY_HEAD_SIZE
     if size <= MAIN_SCAN_LIMIT and not buffers and payload.find(b"__main__") < 0:
-        return [_HEAD.pack(size, tag, call_id) + payload]  # the common case
+        return [HEAD.pack(size, tag, call_id) + payload]  # the common case
     if _names_main(payload):
         payload = dumps(obj, what=f"{what}{method}()" if method else what, buffers=buffers)
     if not buffers:
-        return _in_band_frame(tag, call_id, payload)
-    return _frame(tag, call_id, payload, buffers, as_bytes)
-
-
-def _in_band_frame(tag: int, call_id: int, payload: bytes) -> list[Buffer]:
-    """``_frame`` for a payload with no out-of-band buffer, a short frame packed at once."""
-    size = len(payload) + 9
-    if size < _JOIN_BELOW:
-        return [_HEAD.pack(size, tag, call_id) + payload]
-    return _frame(tag, call_id, payload, [])
-
-
-def _length(size: int) -> bytes:
-    if size <= MAX_SHORT_FRAME:
-        return _LENGTH.pack(size)
-    return _LONG_LENGTH.pack(-1, size)
+        return in_band_frame(tag, call_id, payload)
+    return frame(tag, call_id, payload, buffers, as_bytes)
 
 
 class UndecodablePayload(Exception):
@@ -229,20 +182,20 @@ class Codec:
         if isinstance(message, Return):
             return self.encode_return(message.call_id, message.value)
         if isinstance(message, Raise):
-            return _frame(Tag.RAISE, message.call_id, _exception_payload(message.error), [])
+            return frame(Tag.RAISE, message.call_id, _exception_payload(message.error), [])
         if isinstance(message, Fail):
             payload = pickle.dumps((int(message.kind), message.message), 5)
-            return _frame(Tag.FAIL, message.call_id, payload, [])
+            return frame(Tag.FAIL, message.call_id, payload, [])
         if isinstance(message, StartupFailed):
-            return _frame(Tag.STARTUP_FAILED, 0, _exception_payload(message.error), [])
+            return frame(Tag.STARTUP_FAILED, 0, _exception_payload(message.error), [])
         if isinstance(message, Hello):
             payload = HELLO_MAGIC + _HELLO.pack(message.version, message.pid)
-            return _frame(Tag.HELLO, 0, payload, [])
+            return frame(Tag.HELLO, 0, payload, [])
         if isinstance(message, OpenChannel):
-            return _frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
+            return frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
         if isinstance(message, Channel):
-            return _frame(Tag.CHANNEL, message.call_id, b"\x01" if message.doorbell else b"", [])
-        return _frame(Tag.SHUTDOWN, 0, b"", [])
+            return frame(Tag.CHANNEL, message.call_id, b"\x01" if message.doorbell else b"", [])
+        return frame(Tag.SHUTDOWN, 0, b"", [])
 
     def encode_call(
         self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -260,7 +213,7 @@ class Codec:
             if kind not in _ATOMIC:
                 plain = False
         if plain:  # no buffer to send out of band, no global to look for in __main__
-            return _in_band_frame(CALL, call_id, pickle.dumps((method, args, kwargs), 5))
+            return in_band_frame(CALL, call_id, pickle.dumps((method, args, kwargs), 5))
         for arg in kwargs.values():
             if type(arg) is bytes and len(arg) >= OOB_BYTES:
                 wrap = wrap or _OutOfBandBytes()
@@ -281,7 +234,7 @@ class Codec:
             wrapped = pickle.PickleBuffer(value)
             return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
-            return _in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
+            return in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
         return _fast_frame(RETURN, call_id, value, "result", "")
 
     # -- decoding ---------------------------------------------------------
@@ -310,14 +263,16 @@ class Codec:
             UndecodablePayload: the frame is sound but its payload will not unpickle.
         """
         view = memoryview(body)
-        if len(view) < 9:
-            raise ProtocolError(f"frame of {len(view)} bytes is shorter than its 9-byte header")
-        raw_tag, call_id = _BODY.unpack_from(view)
-        payload = view[9:]
+        if len(view) < BODY_HEAD_SIZE:
+            raise ProtocolError(
+                f"frame of {len(view)} bytes is shorter than its {BODY_HEAD_SIZE}-byte header"
+            )
+        raw_tag, call_id = BODY_HEAD.unpack_from(view)
+        payload = view[BODY_HEAD_SIZE:]
         buffers: list[memoryview | bytes] | None = None
         if raw_tag & OUT_OF_BAND:
             raw_tag &= ~OUT_OF_BAND
-            payload, buffers = _split_out_of_band(payload)
+            payload, buffers = split_out_of_band(payload)
         if raw_tag == Tag.RETURN:
             return Return(call_id, self._loads(call_id, payload, buffers, "result"))
         if raw_tag == Tag.CALL:
@@ -420,28 +375,6 @@ class _OutOfBandBytes:
             self.made.append(wrapped)
             return wrapped
         return value
-
-
-def _split_out_of_band(payload: memoryview) -> tuple[memoryview, list[memoryview | bytes]]:
-    try:
-        (count,) = _COUNT.unpack_from(payload)
-        sizes = [_SIZE.unpack_from(payload, 4 + 8 * i)[0] for i in range(count)]
-    except struct.error as exc:
-        raise ProtocolError("truncated out-of-band buffer table") from exc
-    start = 4 + 8 * count
-    end = len(payload) - sum(size & ~AS_BYTES for size in sizes)
-    if end < start:
-        raise ProtocolError("out-of-band buffers are larger than their frame")
-    buffers: list[memoryview | bytes] = []
-    offset = end
-    for size in sizes:
-        if size & AS_BYTES:
-            size &= ~AS_BYTES
-            buffers.append(bytes(payload[offset : offset + size]))
-        else:
-            buffers.append(payload[offset : offset + size])
-        offset += size
-    return payload[start:end], buffers
 
 
 def _decode_hello(payload: memoryview) -> Hello:

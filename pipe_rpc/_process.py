@@ -28,14 +28,7 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
-from ._client import (
-    DEFAULT,
-    Client,
-    Proxy,
-    check_timeout,
-    close_inherited_channels,
-    fresh_error,
-)
+from ._client import Client
 from ._codec import Codec
 from ._errors import (
     CallTimeoutError,
@@ -45,7 +38,15 @@ from ._errors import (
     StartupError,
     describe_exitcode,
 )
+from ._liveness import (
+    check_owner,
+    close_inherited_now,
+    fork_generation,
+    register_holder,
+    wait_readable,
+)
 from ._messages import StartupFailed
+from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
 from ._server import check_max_concurrency, serve
 from ._transport import Transport
 
@@ -101,7 +102,7 @@ def _child_main(
     for end in list(_PARENT_ENDS):
         if end is not conn:
             end.close()
-    close_inherited_channels()
+    close_inherited_now()
     _watch_parent(parent_pid)
     try:
         if limits is not None:
@@ -174,6 +175,8 @@ class _GuardedProcess:
     ``Popen.poll`` under ``forkserver`` reads the exit status from the sentinel
     once; a second thread reading at the same time finds end of file and
     records 255. One lock around ``exitcode``, ``join`` and ``close`` prevents it.
+    Once closed it answers with what it last knew, never with ``ValueError``:
+    a thread of an old client may still ask after a restart closed it.
 
     Where the platform has them, ``sentinel`` is a pidfd, readable once the
     process has ended. ``multiprocessing``'s own sentinel is a pipe that the
@@ -183,36 +186,59 @@ class _GuardedProcess:
     def __init__(self, process: BaseProcess) -> None:
         self._process = process
         self._lock = threading.Lock()
+        self._closed = False
+        self._exitcode: int | None = None
         self.pid = process.pid
         try:
             self._pidfd: int | None = os.pidfd_open(process.pid)  # type: ignore[arg-type]
         except (AttributeError, OSError):  # not Linux, or a kernel older than 5.3
             self._pidfd = None
-        self.sentinel = process.sentinel if self._pidfd is None else self._pidfd
+        self._sentinel = process.sentinel if self._pidfd is None else self._pidfd
+        register_holder(self)
+
+    def close_inherited(self) -> None:
+        """In a forked child: this process is not the child's parent, so multiprocessing
+        must not try to join it at exit."""
+        self._lock = threading.Lock()
+        self._closed = True
+        children = getattr(multiprocessing.process, "_children", None)
+        if children is not None:
+            children.discard(self._process)
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once the process has ended (-1 once closed)."""
+        return -1 if self._closed else self._sentinel
 
     @property
     def exitcode(self) -> int | None:
         with self._lock:
-            return self._process.exitcode
+            if not self._closed:
+                self._exitcode = self._process.exitcode
+            return self._exitcode
 
     def join(self, timeout: float | None = None) -> None:
         if self._pidfd is None:
             with self._lock:
-                self._process.join(timeout)
+                if not self._closed:
+                    self._process.join(timeout)
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        poll = select.poll()
-        poll.register(self._pidfd, select.POLLIN)
-        if not poll.poll(None if timeout is None else timeout * 1000):
+        if not wait_readable(self._pidfd, timeout):
             return
         with self._lock:
-            if self._process.exitcode is None:  # forkserver: its server reports the status
+            if not self._closed and self._process.exitcode is None:
+                # forkserver: its server reports the status
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 self._process.join(left)
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._exitcode = self._process.exitcode
             self._process.close()
+            self._closed = True
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
@@ -226,12 +252,14 @@ class _Child:
         self.client = client
         self.pid = cast(int, process.pid)
         self.exitcode: int | None = None
-        self.owner = os.getpid()
+        self.generation = fork_generation()
         self.ended = False  # has_ended() saw it end
         self._local = threading.local()
 
     def sentinel_fired(self) -> bool:
         """Has the process ended? One ``poll`` of its sentinel."""
+        if self.process.sentinel < 0:  # closed by a restart in another thread
+            return True
         # A poll object per thread: one select.poll may not be polled by two threads at once.
         poll: select.poll | None = getattr(self._local, "poll", None)
         if poll is None:
@@ -257,7 +285,7 @@ class _Child:
         after ``graceful`` seconds it is SIGTERM, then SIGKILL. With 0 (a kill)
         the signals come first and calls in flight get ``WorkerDiedError``.
         """
-        if os.getpid() != self.owner:  # a forked copy of this handle: not ours to stop
+        if self.generation != fork_generation():  # a forked copy: not ours to stop
             return
         if graceful > 0:
             self.client.close()
@@ -349,6 +377,7 @@ class Server(Generic[T]):
             self._factory_blob = cloudpickle.dumps(factory, 5)
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
+        self._generation = fork_generation()
         self._handle = _Handle()
         _LIVE.add(self._handle)
         weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
@@ -411,11 +440,11 @@ class Server(Generic[T]):
             and not handle.closed
             and child.client.broken is None
         ):
-            watch = child.client.watch
-            if watch is None:
+            monitor = child.client.monitor
+            if monitor is None:
                 if not (self._restart_on_failure and child.sentinel_fired()):
                     return child
-            elif not watch.ended:
+            elif not monitor.ended:
                 return child
         with handle.lock:
             if handle.closed:
@@ -440,6 +469,8 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
+        if self._generation != fork_generation():
+            check_owner(self._generation, "server")
         child = self._current()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
@@ -504,6 +535,8 @@ class Server(Generic[T]):
             self._start()
 
     def __enter__(self) -> T:
+        if self._handle.closed:
+            raise ClientClosedError("the server was closed")
         return self.proxy
 
     def __exit__(

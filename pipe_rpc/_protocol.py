@@ -49,28 +49,23 @@ more. A doorbell does not report a dead server process, so the client gives
 one only where it watches the server's process, and rings it itself when the
 process ends or the client breaks.
 
-A thread alone on its side channel, with no deadline, may skip the table:
-``start_call`` gives the id and frame, and ``quick_result`` decodes the first
-frame read if it is that call's plain return, the common case. Anything else
-(a raise, a failure, a frame read in parts) goes to ``receive`` once the call
-is registered, so it is matched as any other reply.
+Interrupts. The table is made so that delivering a reply twice is harmless:
+``receive`` settles a call's slot first and takes it out of the table after,
+so an exception landing in between leaves the reply to be delivered again
+(the slot's ``settle`` is idempotent), never a call that waits for ever. A
+reply for a call id that was never sent is a ``ProtocolError``; one for a call
+that was abandoned, or already answered, is dropped and counted.
 
-``FrameReader`` cuts the stream into frame bodies. Large frames are read in
-place: once their length is known, ``read_target()`` hands the I/O layer the
-rest of a buffer of exactly that size to read into, so big payloads are not
-copied chunk by chunk.
+Frames are cut from the stream by ``_wire.FrameReader``.
 """
 
 from __future__ import annotations
 
-import itertools
-import mmap
-import struct
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
-from ._codec import CALL, RETURN, Body, Buffer, Codec, UndecodablePayload, hello
+from ._codec import CALL, RETURN, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import (
     Call,
@@ -85,282 +80,152 @@ from ._messages import (
     Shutdown,
     StartupFailed,
 )
+from ._wire import BODY_HEAD, BODY_HEAD_SIZE, Body, Buffer
 
-S = TypeVar("S")
-
-_BODY = struct.Struct("!BQ")
-_LENGTH = struct.Struct("!i")
-_LONG = struct.Struct("!Q")
-#: A frame at least this large is read in place into a buffer of its own.
-BIG_FRAME = 1 << 20
-#: A big frame's buffer up to this size is kept, and reused once nothing refers to it.
-SPARE_MAX = 4 << 20
 #: How many side channels (one per calling thread) a client opens at most.
 MAX_CHANNELS = 32
 
 
-class _NotQuick:
-    def __repr__(self) -> str:
-        return "NOT_QUICK"
+class Slot(Protocol):
+    """Where a call's outcome goes: the I/O layer's record of one call."""
+
+    def settle(self, ok: bool, value: Any) -> None:
+        """Take the outcome (a second one for the same call is ignored) and wake the owner."""
 
 
-#: What ``quick_result`` returns for a frame that is not the plain return it looked for.
-NOT_QUICK: Any = _NotQuick()
-
-
-class FrameTooLargeError(ProtocolError):
-    """A frame's length is over the bound the reader was given."""
-
-
-class FrameReader:
-    """Cuts a stream of bytes (as ``Connection.send_bytes`` frames it) into frame bodies.
-
-    Args:
-        max_frame: refuse any frame whose body is longer (``None``: no bound).
-    """
-
-    def __init__(self, max_frame: int | None = None) -> None:
-        self.max_frame = max_frame
-        self._rest = b""  # bytes of an unfinished small frame
-        self._big: mmap.mmap | None = None  # body of a large frame being read in place
-        self._big_filled = 0
-        self._big_size = 0
-        self._spare: mmap.mmap | None = None  # the last buffer of at most SPARE_MAX bytes
-
-    def read_target(self) -> memoryview | None:
-        """Where to read the next bytes directly, or ``None`` to ``feed()`` what you read."""
-        if self._big is None:
-            return None
-        return memoryview(self._big)[self._big_filled : self._big_size]
-
-    def filled(self, count: int) -> list[Body]:
-        """``count`` bytes were read into ``read_target()``; return the frames now complete."""
-        assert self._big is not None
-        self._big_filled += count
-        if self._big_filled < self._big_size:
-            return []
-        body = memoryview(self._big)[: self._big_size]
-        self._big, self._big_filled = None, 0
-        return [body]
-
-    def feed(self, data: bytes) -> list[Body]:
-        """Take bytes read from the stream; return the frame bodies now complete."""
-        if not self._rest and len(data) > 4:  # the hot path: exactly one whole frame
-            (size,) = _LENGTH.unpack_from(data)
-            if size == len(data) - 4 and (self.max_frame is None or size <= self.max_frame):
-                return [memoryview(data)[4:]]
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
-        frames: list[Body] = []
-        pos, end = 0, len(data)
-        while end - pos >= 4:
-            (size,) = _LENGTH.unpack_from(data, pos)
-            head = 4
-            if size < 0:
-                if size != -1:
-                    raise ProtocolError(f"frame length {size} is negative")
-                if end - pos < 12:
-                    break
-                (size,) = _LONG.unpack_from(data, pos + 4)
-                head = 12
-            if self.max_frame is not None and size > self.max_frame:
-                raise FrameTooLargeError(
-                    f"frame of {size} bytes is over the bound of {self.max_frame} bytes"
-                )
-            start = pos + head
-            if end - start >= size:
-                frames.append(memoryview(data)[start : start + size])
-                pos = start + size
-                continue
-            if size >= BIG_FRAME and end > start:
-                self._big = self._buffer_for(size)
-                self._big_size = size
-                have = end - start
-                self._big[:have] = memoryview(data)[start:end]
-                self._big_filled = have
-                return frames
-            break
-        if pos < end:
-            self._rest = data[pos:]
-        return frames
-
-    def _buffer_for(self, size: int) -> mmap.mmap:
-        """A buffer for a big frame: the spare if nothing refers to it any more, else a new one.
-
-        New buffers are anonymous private memory: the kernel hands out zeroed pages as
-        the read fills them, where ``bytearray(size)`` would zero every page first. A
-        decoded object (a numpy array read in place) may keep a buffer alive; the spare
-        is reused only when its reference count shows that nothing but this reader holds
-        it. A buffer over ``SPARE_MAX`` is never kept, so a huge reply leaves nothing
-        behind once its objects are gone.
-        """
-        if self._spare is not None and len(self._spare) >= size and _holders(self) == _FREE:
-            return self._spare
-        try:
-            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-        except (OSError, OverflowError, MemoryError) as exc:
-            raise FrameTooLargeError(f"frame of {size} bytes cannot be allocated: {exc}") from exc
-        if size <= SPARE_MAX:
-            self._spare = buffer
-        return buffer
-
-    @property
-    def idle(self) -> bool:
-        """No partial frame is buffered."""
-        return not self._rest and self._big is None
-
-
-def _holders(reader: FrameReader) -> int:
-    """The reference count of the reader's spare, always taken the same way.
-
-    How many references the count includes (the attribute, a local name, the
-    argument) is the interpreter's business and differs between versions, so
-    it is compared with ``_FREE``, taken the same way from a spare nothing else holds.
-    """
-    spare = reader._spare
-    return sys.getrefcount(spare)
-
-
-def _free_holders() -> int:
-    reader = FrameReader()
-    reader._spare = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
-    return _holders(reader)
-
-
-#: What ``_holders`` reads for a spare held by its reader alone.
-_FREE = _free_holders()
+S = TypeVar("S", bound=Slot)
 
 
 class ClientProtocol(Generic[S]):
-    """The client end: numbers calls, matches replies to their slots, drops late ones."""
+    """The client end: numbers calls, matches replies to their slots, drops late ones.
+
+    The table and the id counter are guarded by a lock of their own, so any
+    thread may start, receive or abandon.
+    """
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self.pending: dict[int, S] = {}
         self.peer: Hello | None = None
         self.late_replies = 0
-        self._ids: Iterator[int] = itertools.count(1)
+        self._pending: dict[int, S] = {}
+        self._last_id = 0
+        self._lock = threading.Lock()
 
     def greeting(self) -> list[Buffer]:
         """The frame to send before anything else."""
         return self.codec.encode(hello())
 
-    def send_call(
+    @property
+    def pending_count(self) -> int:
+        """How many calls wait for a reply."""
+        return len(self._pending)
+
+    def slots(self) -> list[S]:
+        """The slots of the calls waiting for a reply, oldest first."""
+        with self._lock:
+            return list(self._pending.values())
+
+    def start(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], slot: S
     ) -> tuple[int, list[Buffer]]:
-        """Register a call and return its id and frame.
+        """Register a call for ``slot``; return its id and frame.
 
         Raises:
             SerializationError: an argument would not pickle; nothing was registered.
         """
-        call_id, frame = self.start_call(method, args, kwargs)
-        self.pending[call_id] = slot
-        return call_id, frame
+        call_id = self._next_id()
+        # No call between the store and the ``try``: an interrupt cannot land there.
+        self._pending[call_id] = slot
+        try:
+            return call_id, self.codec.encode_call(call_id, method, args, kwargs)
+        except BaseException:
+            self.abandon(call_id)
+            raise
 
-    def start_call(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[int, list[Buffer]]:
-        """A call's id and frame, not yet registered: for a caller that reads its own
-        reply (``quick_result``) and registers only if that reply is not the common kind.
-
-        Raises:
-            SerializationError: an argument would not pickle.
-        """
-        call_id = next(self._ids)
-        return call_id, self.codec.encode_call(call_id, method, args, kwargs)
-
-    def register(self, call_id: int, slot: S) -> None:
-        """Make ``start_call``'s call pending: ``receive`` gives its outcome to ``slot``."""
-        self.pending[call_id] = slot
-
-    def quick_result(self, body: Body, call_id: int) -> Any:
-        """The value in ``body`` if it is call ``call_id``'s plain return, else ``NOT_QUICK``.
-
-        For a caller alone on its connection with a call not registered: anything
-        else (a raise, a failure, a value that will not unpickle, another call's
-        reply) must then go to ``receive`` with the call registered.
-
-        Raises:
-            ProtocolError: an untrusted peer sent something not allowed.
-        """
-        if len(body) > 9 and self.peer is not None:
-            tag, got_id = _BODY.unpack_from(body)
-            if tag == RETURN and got_id == call_id:
-                try:
-                    return self.codec.loads(call_id, memoryview(body)[9:], "result")
-                except UndecodablePayload:
-                    pass
-        return NOT_QUICK
-
-    def send_request(
+    def request(
         self, make: Callable[[int], OpenChannel | Channel], slot: S
     ) -> tuple[int, list[Buffer]]:
         """Register a request to the server machinery itself (``make(call_id)``); return
         its id and frame."""
-        call_id = next(self._ids)
-        frame = self.codec.encode(make(call_id))
-        self.pending[call_id] = slot
-        return call_id, frame
+        call_id = self._next_id()
+        self._pending[call_id] = slot
+        try:
+            return call_id, self.codec.encode(make(call_id))
+        except BaseException:
+            self.abandon(call_id)
+            raise
+
+    def _next_id(self) -> int:
+        with self._lock:
+            self._last_id += 1
+            return self._last_id
 
     def abandon(self, call_id: int) -> bool:
-        """Give up on a call; False if its reply was already taken (it has an outcome)."""
-        return self.pending.pop(call_id, None) is not None
+        """Give up on a call; False if it had an outcome already (or was abandoned)."""
+        with self._lock:
+            return self._pending.pop(call_id, None) is not None
 
-    def receive(self, body: Body) -> tuple[S, bool, Any] | None:
-        """Take one frame body; return ``(slot, ok, value_or_error)`` for a reply, else None.
+    def fail_all(self, error: Callable[[], Exception]) -> None:
+        """Settle every pending call with a fresh ``error()``, then forget it."""
+        with self._lock:
+            pending = list(self._pending.items())
+        for call_id, slot in pending:
+            slot.settle(False, error())
+            self.abandon(call_id)
+
+    def receive(self, body: Body) -> None:
+        """Take one frame body and settle the call it answers.
 
         Raises:
             ProtocolError: the peer broke the protocol; the connection is dead.
             StartupFailedSignal: the first message says the child's factory failed.
         """
-        if len(body) > 9 and self.peer is not None:
-            tag, call_id = _BODY.unpack_from(body)
+        if len(body) > BODY_HEAD_SIZE and self.peer is not None:
+            tag, call_id = BODY_HEAD.unpack_from(body)
             if tag == RETURN:  # the hot path: a plain return value
                 try:
-                    value = self.codec.loads(call_id, memoryview(body)[9:], "result")
+                    value = self.codec.loads(call_id, memoryview(body)[BODY_HEAD_SIZE:], "result")
                 except UndecodablePayload as exc:
-                    slot = self._take(call_id)
-                    return None if slot is None else (slot, False, SerializationError(exc.message))
-                slot = self.pending.pop(call_id, None)  # _take(), inlined on the hot path
-                if slot is None:
-                    self.late_replies += 1
-                    return None
-                return slot, True, value
+                    self._settle(call_id, False, SerializationError(exc.message))
+                    return
+                self._settle(call_id, True, value)
+                return
         try:
             message = self.codec.decode(body)
         except UndecodablePayload as exc:
-            slot = self._take(exc.call_id)
-            if slot is None:
-                return None
-            return slot, False, SerializationError(exc.message)
-        if self.peer is None:
+            self._settle(exc.call_id, False, SerializationError(exc.message))
+            return
+        if self.peer is None or isinstance(message, Hello):
             self._first(message)
-            return None
-        if isinstance(message, Return):
-            slot = self._take(message.call_id)
-            return None if slot is None else (slot, True, message.value)
-        if isinstance(message, Raise):
-            slot = self._take(message.call_id)
-            return None if slot is None else (slot, False, message.error)
-        if isinstance(message, Fail):
-            slot = self._take(message.call_id)
-            return None if slot is None else (slot, False, fail_error(message))
-        raise ProtocolError(f"a client does not accept {type(message).__name__} messages")
+        elif isinstance(message, Return):
+            self._settle(message.call_id, True, message.value)
+        elif isinstance(message, Raise):
+            self._settle(message.call_id, False, message.error)
+        elif isinstance(message, Fail):
+            self._settle(message.call_id, False, fail_error(message))
+        else:
+            raise ProtocolError(f"a client does not accept {type(message).__name__} messages")
+
+    def _settle(self, call_id: int, ok: bool, value: Any) -> None:
+        slot = self._pending.get(call_id)
+        if slot is None:
+            if not 0 < call_id <= self._last_id:
+                raise ProtocolError(f"the peer replied to call {call_id}, which was never made")
+            self.late_replies += 1
+            return
+        slot.settle(ok, value)
+        with self._lock:  # after the outcome: an interrupt before this line leaves a repeat
+            self._pending.pop(call_id, None)
 
     def _first(self, message: Message) -> None:
         if isinstance(message, Hello):
+            if self.peer is not None and message != self.peer:
+                raise ProtocolError("a second hello from the peer")
             self.peer = message
             return
         if isinstance(message, StartupFailed):
             raise StartupFailedSignal(message)
         raise ProtocolError(f"expected the peer's hello first, got {type(message).__name__}")
-
-    def _take(self, call_id: int) -> S | None:
-        slot = self.pending.pop(call_id, None)
-        if slot is None:
-            self.late_replies += 1
-        return slot
 
 
 class StartupFailedSignal(Exception):
@@ -402,11 +267,11 @@ class ServerProtocol:
         Raises:
             ProtocolError: the peer broke the protocol; stop serving.
         """
-        if len(body) > 9 and self.peer is not None:
-            tag, call_id = _BODY.unpack_from(body)
+        if len(body) > BODY_HEAD_SIZE and self.peer is not None:
+            tag, call_id = BODY_HEAD.unpack_from(body)
             if tag == CALL:  # the hot path: a call with its arguments in band
                 try:
-                    payload = memoryview(body)[9:]
+                    payload = memoryview(body)[BODY_HEAD_SIZE:]
                     method, args, kwargs = self.codec.loads(call_id, payload, "arguments")
                 except UndecodablePayload as exc:
                     return Fail(call_id, FailKind.SERIALIZATION, exc.message)

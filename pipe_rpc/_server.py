@@ -22,7 +22,6 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._codec import Body, Buffer
 from ._errors import MethodNotFoundError, ProtocolError
 from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
@@ -35,6 +34,7 @@ from ._transport import (
     is_unix_stream,
     shutdown,
 )
+from ._wire import Body, Buffer
 
 #: A serial call that ran longer than this flushes replies held for batching.
 _FLUSH_AFTER = 0.001
@@ -251,12 +251,13 @@ class _Loop:
         for transport in self.poller.wait():
             channel = self.side.get(transport.fd, self.main)
             try:
-                bodies = transport.read_available()
+                transport.read_available()
             except PeerGone:
                 if channel is self.main:
                     return False
                 self.drop(channel)
                 continue
+            bodies = transport.take()
             if bodies and not self.answer(channel, bodies):
                 return False
         return True

@@ -16,6 +16,15 @@ answer came within the window, so an end waiting on slow calls or an idle
 peer sleeps at once. It is off when the process may run on only one CPU (the
 spinner would hold the CPU the peer needs) or when the ``PIPE_RPC_SPIN_US``
 environment variable is ``0``.
+
+Interrupts. An exception raised by a signal handler may land as soon as any C
+call returns, in whichever thread runs the handler. So that it can never cut
+a frame or lose bytes, every count and every byte that crosses the kernel
+boundary is recorded inside the same C call that moves it
+(``list.extend(map(os.read, ...))``), and a write records the frame it is
+writing before its first byte goes. A frame whose writer was interrupted is
+finished by the next write on the transport (or dropped, if none of it went),
+so the stream stays framed. The descriptor's mode is fixed: non-blocking.
 """
 
 from __future__ import annotations
@@ -28,10 +37,9 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
-from ._codec import Body, Buffer
-from ._protocol import FrameReader
+from ._wire import Body, Buffer, FrameReader
 
 _READ_SIZE = 1 << 16
 _IN = select.POLLIN | select.POLLPRI
@@ -75,7 +83,7 @@ class PeerGone(Exception):
 
 
 class WriteTimeout(Exception):
-    """The deadline passed while a frame was half written; the stream is no longer framed."""
+    """The deadline passed before a frame was written; what is left of it stays queued."""
 
 
 class HasFileno(Protocol):
@@ -122,11 +130,17 @@ def shutdown(conn: HasFileno) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+#: The longest single wait: a longer deadline is waited for in steps (poll takes milliseconds
+#: in a C int, and lock waits have ``threading.TIMEOUT_MAX``).
+LONGEST_WAIT = 86400.0
+
+
 def remaining(deadline: float | None) -> float | None:
-    """Seconds left before ``deadline`` (``None``: no deadline), never negative."""
+    """Seconds left before ``deadline`` (``None``: no deadline), never negative, at most
+    ``LONGEST_WAIT``."""
     if deadline is None:
         return None
-    return max(0.0, deadline - time.monotonic())
+    return min(LONGEST_WAIT, max(0.0, deadline - time.monotonic()))
 
 
 class Poller:
@@ -170,15 +184,16 @@ class Poller:
 
 
 class Transport:
-    """Frames over one descriptor, with deadlines and a peer sentinel.
+    """Frames over one non-blocking descriptor, with deadlines and a peer sentinel.
 
     Args:
         conn: one end of a duplex ``multiprocessing.Pipe``, or a side channel's socket.
         sentinel: a descriptor that becomes readable when the peer process ends.
         max_frame: refuse frames longer than this (``ProtocolError``).
 
-    While ``fds`` is a list, reads keep the descriptors passed with the bytes
-    (``SCM_RIGHTS``) and append them to it; otherwise the kernel drops them.
+    Frames read wait in ``ready`` for their owner. While ``fds`` is a list,
+    reads keep the descriptors passed with the bytes (``SCM_RIGHTS``) and append
+    them to it; otherwise the kernel drops them.
     """
 
     def __init__(
@@ -189,60 +204,82 @@ class Transport:
         max_frame: int | None = None,
     ) -> None:
         self.fd = conn.fileno()
-        self.blocking = False
         self.fds: list[int] | None = None
         self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
         self.reader = FrameReader(max_frame)
+        self.ready = self.reader.ready
         self.sentinel = sentinel
         self._spin_ns = int(SPIN_SECONDS * 1e9)
         self._spin_next = False  # did the last answer come within the spin window?
         self._sent_ns = 0  # when the last frame was written
+        # The frame being written (its segments), and what each write of it took.
+        self._out: Sequence[Buffer] | None = None
+        self._counts: list[int] = []
         os.set_blocking(self.fd, False)
         self._poll = select.poll()
         self._poll.register(self.fd, _IN)
         if sentinel is not None:
             self._poll.register(sentinel, _IN)
 
+    # -- writing ------------------------------------------------------------
+
     def write(
         self, segments: Sequence[Buffer], deadline: float | None = None, fds: Sequence[int] = ()
     ) -> None:
         """Write one or more frames whole; ``fds`` go with the first byte (``SCM_RIGHTS``).
 
+        A frame left by an earlier writer that was interrupted or timed out is
+        finished first (or dropped, if none of it was written).
+
         Raises:
             PeerGone: the peer closed its end.
-            WriteTimeout: the deadline passed after part of a frame was written.
+            WriteTimeout: the deadline passed; the unwritten rest stays queued, and
+                if none of ``segments`` went, they are dropped by the next write.
         """
-        fd = self.fd
+        if self._out is not None:  # left by a writer that is gone
+            self.drop_unstarted()
+            self.flush(deadline)
         self._sent_ns = time.perf_counter_ns()
+        counts = self._counts
+        del counts[:]
+        self._out = segments  # before the first byte: an interrupt now leaves it queued
         if fds:
-            self._write_rest(segments, self._send_fds(segments, fds, deadline), deadline)
-            return
-        if len(segments) == 1:
+            self._send_fds(segments[0], fds, deadline)
+        elif len(segments) == 1:  # the hot path: a joined frame, most often written whole
             data = segments[0]
             try:
-                written = os.write(fd, data)
+                counts.extend(map(os.write, (self.fd,), (data,)))
             except BlockingIOError:
-                written = 0
+                pass
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise PeerGone(str(exc)) from exc
-            if written == len(data):  # type: ignore[arg-type]  # a single segment is joined bytes
+            if counts and counts[0] == len(data):  # type: ignore[arg-type]  # joined bytes
+                self._out = None
                 return
-        else:
-            written = 0
-        self._write_rest(segments, written, deadline)
+        self._finish(deadline)
 
-    def _write_rest(self, segments: Sequence[Buffer], skip: int, deadline: float | None) -> None:
-        views = [memoryview(s).cast("B") for s in segments]
-        while views:
-            while views and skip >= len(views[0]):
-                skip -= len(views[0])
-                views.pop(0)
+    @property
+    def unsent(self) -> bool:
+        """A frame is partly written (its writer was interrupted or timed out)."""
+        return self._out is not None
+
+    def flush(self, deadline: float | None) -> None:
+        """Finish a frame an earlier writer left (see ``write``)."""
+        if self._out is not None:
+            self._finish(deadline)
+
+    def _finish(self, deadline: float | None) -> None:
+        """Write the rest of ``_out``."""
+        segments = self._out
+        assert segments is not None
+        counts = self._counts
+        while True:
+            views = _rest(segments, sum(counts))
             if not views:
+                self._out = None
                 return
-            views[0] = views[0][skip:]
-            skip = 0
             try:
-                skip = os.writev(self.fd, views[:64])
+                counts.extend(map(os.writev, (self.fd,), (views[:64],)))
                 continue
             except BlockingIOError:
                 pass
@@ -250,18 +287,22 @@ class Transport:
                 raise PeerGone(str(exc)) from exc
             self._wait_writable(deadline)
 
-    def _send_fds(
-        self, segments: Sequence[Buffer], fds: Sequence[int], deadline: float | None
-    ) -> int:
-        """Send the start of ``segments`` with ``fds`` attached; return how many bytes went."""
+    def drop_unstarted(self) -> None:
+        """Forget a queued frame none of whose bytes were written."""
+        if self._out is not None and not sum(self._counts):
+            self._out = None
+
+    def _send_fds(self, first: Buffer, fds: Sequence[int], deadline: float | None) -> None:
+        """Send the start of ``first`` with ``fds`` attached; its count goes to ``_counts``."""
         sock = socket.socket(fileno=self.fd)  # borrowed: detached below, never closed
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         try:
             while True:
                 try:
-                    return sock.sendmsg(
-                        [memoryview(segments[0]).cast("B")],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    self._counts.extend(
+                        map(sock.sendmsg, ([memoryview(first).cast("B")],), (rights,))
                     )
+                    return
                 except BlockingIOError:
                     self._wait_writable(deadline)
                 except (BrokenPipeError, ConnectionResetError) as exc:
@@ -282,58 +323,44 @@ class Transport:
             if fd == self.sentinel:
                 raise PeerGone("peer process ended")
 
-    def set_blocking(self, blocking: bool) -> None:
-        """Switch the descriptor's mode (a system call only when it changes).
+    # -- reading ------------------------------------------------------------
 
-        In blocking mode ``read(None)`` sleeps in ``read`` itself, one system call
-        where a poll and a read are two, but it does not watch the sentinel: the
-        caller must make sure the peer's death ends the wait (``shutdown``).
-        """
-        if blocking != self.blocking:
-            os.set_blocking(self.fd, blocking)
-            self.blocking = blocking
-
-    def read(self, timeout: float | None, spin: bool = True) -> list[Body]:
-        """Wait up to ``timeout`` seconds (``None``: no bound) and return the frames that came.
-
-        An empty list means the time ran out or only part of a frame came.
+    def read(self, timeout: float | None, spin: bool = True) -> None:
+        """Wait up to ``timeout`` seconds (``None``: no bound) and add the frames that
+        came to ``ready`` (none: the time ran out, or only part of a frame came).
 
         Raises:
-            PeerGone: end of file, a reset, or the peer's sentinel fired with nothing left to read.
+            PeerGone: end of file, a reset, or the peer's sentinel fired with nothing
+                left to read (frames that came before it are in ``ready``).
             ProtocolError: the stream broke the framing.
         """
-        if self.blocking and timeout is None:
-            return self.read_wait()
-        if spin and self._spin_next:
-            frames = self._spin(timeout)
-            if frames:
-                return frames
+        if spin and self._spin_next and self._spin(timeout):
+            return
         events = self._poll.poll(None if timeout is None else timeout * 1000)
         if not events:
-            return []
+            return
         if len(events) == 1 and events[0] == (self.fd, select.POLLIN):  # the common case
-            frames = self.read_available()
+            self.read_available()
             if self._spin_ns:
                 self._spin_next = time.perf_counter_ns() - self._sent_ns < self._spin_ns
-            return frames
+            return
         readable = False
         for fd, mask in events:
             if fd == self.fd:
                 if mask & _BAD and not mask & _IN:
                     raise PeerGone(f"pipe descriptor reported poll events {mask:#x}")
                 readable = True
-        if not readable:
-            # The sentinel fired; the peer may still have written a last reply before it died.
-            frames = self.read_available()
-            if frames:
-                return frames
+        before = len(self.ready)
+        self.read_available()
+        if not readable and len(self.ready) == before:
+            # The sentinel fired, and the peer wrote nothing more before it died.
             raise PeerGone("peer process ended")
-        return self.read_available()
 
-    def _spin(self, timeout: float | None) -> list[Body]:
+    def _spin(self, timeout: float | None) -> bool:
         """Poll without waiting for up to the spin window (and ``timeout``), and read once
-        the descriptor is readable. A poll that finds nothing costs a quarter of a read
-        that finds nothing (which raises), so the spinner sees a reply sooner."""
+        the descriptor is readable; True if that read took frames or found the sentinel.
+        A poll that finds nothing costs a quarter of a read that finds nothing (which
+        raises), so the spinner sees a reply sooner."""
         clock = time.perf_counter_ns
         spin = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         end = clock() + spin
@@ -342,95 +369,72 @@ class Transport:
         while True:
             events = poll(0)
             if events:
-                frames = self.read_available()
-                if frames or events != ready:  # the sentinel too: read() sorts it out
-                    return frames
+                if events != ready:  # the sentinel too: read() sorts it out
+                    return False
+                before = len(self.ready)
+                self.read_available()
+                if len(self.ready) > before:
+                    return True
             _give_way()
             if clock() >= end:
                 self._spin_next = False
-                return []
+                return False
 
-    def read_available(self) -> list[Body]:
-        """Read what is there without waiting; raise PeerGone at end of file."""
+    def read_available(self) -> None:
+        """Read what is there without waiting and cut it into ``ready``.
+
+        Raises:
+            PeerGone: end of file (frames that came before it are in ``ready``).
+        """
         reader = self.reader
+        chunks = reader.chunks
         fd = self.fd
-        if reader.idle and self.fds is None:  # the common case: one small read
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                return []
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise PeerGone(str(exc)) from exc
-            if not data:
-                raise PeerGone("end of file")
-            if len(data) < _READ_SIZE:
-                frames = reader.feed(data)
-                if reader.read_target() is None:
-                    return frames
-            else:
-                frames = reader.feed(data)
-        else:
-            frames = []
+        reader.cut()  # what an interrupted reader read and did not cut
         while True:
             target = reader.read_target()
             if target is None and self.fds is not None:  # a descriptor may come next
-                frames.extend(self._read_keeping_fds())
-                return frames
+                self._read_keeping_fds()
+                return
             try:
-                if target is not None:
-                    count = os.readv(fd, [target])
-                    if count == 0:
-                        raise PeerGone("end of file in the middle of a frame")
-                    frames.extend(reader.filled(count))
-                    continue
-                data = os.read(fd, _READ_SIZE)
+                if target is not None:  # a big frame: read it in place
+                    counts = reader.target_counts()
+                    counts.extend(map(os.readv, (fd,), ([target],)))
+                    got = counts[-1]
+                else:
+                    chunks.extend(map(os.read, (fd,), (_READ_SIZE,)))
+                    got = len(cast(bytes, chunks[-1]))
             except BlockingIOError:
-                return frames
+                return
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise PeerGone(str(exc)) from exc
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.ENOTCONN):
                     raise PeerGone(str(exc)) from exc
                 raise
-            if not data:
+            reader.cut()
+            if not got:
                 raise PeerGone("end of file")
-            frames.extend(reader.feed(data))
-            if len(data) < _READ_SIZE and reader.read_target() is None:
-                return frames
+            if got < _READ_SIZE and reader.read_target() is None:
+                return
 
-    def read_wait(self) -> list[Body]:
-        """Sleep in ``read`` until at least one whole frame has come (blocking mode)."""
-        reader = self.reader
-        fd = self.fd
-        while True:
-            target = reader.read_target()
-            try:
-                if target is not None:  # a big frame: read it in place
-                    count = os.readv(fd, [target])
-                    if count == 0:
-                        raise PeerGone("end of file in the middle of a frame")
-                    frames = reader.filled(count)
-                else:
-                    data = os.read(fd, _READ_SIZE)
-                    if not data:
-                        raise PeerGone("end of file")
-                    frames = reader.feed(data)
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise PeerGone(str(exc)) from exc
-            if frames:
-                return frames
+    def take(self) -> list[Body]:
+        """Take every frame in ``ready`` (for a single-threaded owner: the server)."""
+        ready = self.ready
+        frames = list(ready)
+        ready.clear()
+        return frames
 
-    def _read_keeping_fds(self) -> list[Body]:
+    def _read_keeping_fds(self) -> None:
         """``read_available`` with ``recvmsg``: passed descriptors go to ``self.fds``."""
         assert self.fds is not None
         sock = socket.socket(fileno=self.fd)  # borrowed: detached below, never closed
-        frames: list[Body] = []
+        reader = self.reader
         try:
             while True:
                 try:
                     data, ancillary, flags, _ = sock.recvmsg(_READ_SIZE, _FDS_SPACE, _CLOEXEC)
                 except BlockingIOError:
-                    return frames
+                    return
                 except (ConnectionResetError, BrokenPipeError) as exc:
                     raise PeerGone(str(exc)) from exc
                 for level, kind, payload in ancillary:
@@ -444,16 +448,29 @@ class Transport:
                     self.fds_lost = True
                 if not data:
                     raise PeerGone("end of file")
-                frames.extend(self.reader.feed(data))
-                if self.reader.read_target() is not None:  # a big frame: read it in place
-                    frames.extend(self.read_available())
-                    return frames
+                reader.chunks.append(data)
+                reader.cut()
+                if reader.read_target() is not None:  # a big frame: read it in place
+                    self.read_available()
+                    return
         finally:
             sock.detach()
 
     def read_blocking(self) -> list[Body]:
-        """Wait with no deadline until at least one whole frame has come."""
-        while True:
-            frames = self.read(None)
-            if frames:
-                return frames
+        """Wait with no deadline until at least one whole frame has come; take them."""
+        while not self.ready:
+            self.read(None)
+        return self.take()
+
+
+def _rest(segments: Sequence[Buffer], skip: int) -> list[memoryview]:
+    """``segments`` less their first ``skip`` bytes, as byte views."""
+    views: list[memoryview] = []
+    for segment in segments:
+        view = memoryview(segment).cast("B")
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        views.append(view[skip:] if skip else view)
+        skip = 0
+    return views

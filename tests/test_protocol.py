@@ -14,25 +14,11 @@ from typing import Any
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import (
-    OOB_BYTES,
-    Body,
-    Buffer,
-    Codec,
-    _format_exception_only,
-    format_traceback,
-)
+from pipe_rpc._codec import OOB_BYTES, Codec, _format_exception_only, format_traceback
 from pipe_rpc._messages import Call, Channel, Fail, Hello, OpenChannel, Raise, Shutdown, Tag
-from pipe_rpc._protocol import (
-    BIG_FRAME,
-    NOT_QUICK,
-    SPARE_MAX,
-    ClientProtocol,
-    FrameReader,
-    FrameTooLargeError,
-    ServerProtocol,
-)
+from pipe_rpc._protocol import ClientProtocol, ServerProtocol
 from pipe_rpc._server import Dispatcher
+from pipe_rpc._wire import BIG_FRAME, SPARE_MAX, Body, Buffer, FrameReader, FrameTooLargeError
 
 
 def _join(segments: Sequence[Buffer]) -> bytes:
@@ -59,11 +45,22 @@ class Service:
         raise AssertionError("never runs")
 
 
+class Recorder:
+    """A slot that records each outcome it is given as ``(name, ok, value)``."""
+
+    def __init__(self, name: str, replies: list[tuple[str, bool, Any]]) -> None:
+        self.name = name
+        self.replies = replies
+
+    def settle(self, ok: bool, value: Any) -> None:
+        self.replies.append((self.name, ok, value))
+
+
 class Pair:
     """A client protocol and a server protocol joined by two in-memory byte streams."""
 
     def __init__(self) -> None:
-        self.client: ClientProtocol[str] = ClientProtocol(Codec())
+        self.client: ClientProtocol[Recorder] = ClientProtocol(Codec())
         self.server = ServerProtocol(Codec())
         self.dispatcher = Dispatcher(Service())
         self.to_server = FrameReader()
@@ -85,13 +82,14 @@ class Pair:
 
     def _answer(self, segments: Sequence[Buffer]) -> None:
         for body in self.to_client.feed(_join(segments)):
-            got = self.client.receive(body)
-            if got is not None:
-                self.replies.append(got)
+            self.client.receive(body)
+
+    def slot(self, name: str) -> Recorder:
+        return Recorder(name, self.replies)
 
     def call(self, method: str, *args: Any, slot: str = "slot") -> list[bytes]:
         """Send a call; return the server's reply bytes without delivering them."""
-        _, frame = self.client.send_call(method, args, {}, slot)
+        _, frame = self.client.start(method, args, {}, self.slot(slot))
         return self._serve(frame)
 
     def deliver(self, data: list[bytes]) -> None:
@@ -103,7 +101,7 @@ def test_call_round_trip_delivers_value_to_its_slot() -> None:
     pair = Pair()
     pair.deliver(pair.call("add", 1, 2, slot="a"))
     assert pair.replies == [("a", True, 3)]
-    assert pair.client.pending == {}
+    assert pair.client.pending_count == 0
 
 
 def test_replies_in_any_order_reach_their_own_slots() -> None:
@@ -146,13 +144,13 @@ def test_unpicklable_result_fails_only_its_call() -> None:
 def test_unpicklable_argument_raises_before_registering() -> None:
     pair = Pair()
     with pytest.raises(SerializationError, match="arguments of add"):
-        pair.client.send_call("add", (threading.Lock(), 1), {}, "slot")
-    assert pair.client.pending == {}
+        pair.client.start("add", (threading.Lock(), 1), {}, pair.slot("slot"))
+    assert pair.client.pending_count == 0
 
 
 def test_argument_that_fails_to_unpickle_in_server_fails_its_call() -> None:
     pair = Pair()
-    _, frame = pair.client.send_call("add", (1, 2), {}, "bad")
+    _, frame = pair.client.start("add", (1, 2), {}, pair.slot("bad"))
     body = bytearray(_join(frame))
     body[-3:] = b"\xff\xff\xff"  # corrupt the pickle, not the frame header
     pair.deliver(pair._serve([bytes(body)]))
@@ -171,77 +169,32 @@ def test_abandoned_call_late_reply_is_dropped_and_counted() -> None:
     assert pair.client.late_replies == 1
 
 
-def _quick(pair: Pair, method: str, *args: Any) -> tuple[int, bytes, Any]:
-    """Start an unregistered call, serve it, and read its one reply with ``quick_result``:
-    the call's id, the reply's bytes and what ``quick_result`` made of them."""
-    call_id, frame = pair.client.start_call(method, args, {})
-    (reply,) = pair._serve(frame)
-    (body,) = FrameReader().feed(reply)
-    return call_id, reply, pair.client.quick_result(body, call_id)
-
-
-def test_quick_result_decodes_the_plain_return_of_an_unregistered_call() -> None:
+def test_a_reply_delivered_twice_settles_its_call_once_then_counts_as_late() -> None:
+    # A reader interrupted between settling a call and taking its frame off the
+    # queue hands the same frame out again: the second copy must change nothing.
     pair = Pair()
-    _, _, value = _quick(pair, "add", 1, 2)
-    assert value == 3
-    assert pair.client.pending == {}
-    assert pair.client.late_replies == 0
+    (reply,) = pair.call("add", 1, 2, slot="a")
+    pair.deliver([reply, reply])
+    assert pair.replies == [("a", True, 3)]
+    assert pair.client.late_replies == 1
 
 
-@pytest.mark.parametrize(
-    ("method", "error_type"),
-    [("boom", KeyError), ("lock", SerializationError), ("nope", MethodNotFoundError)],
-)
-def test_quick_result_leaves_every_other_outcome_to_receive(
-    method: str, error_type: type[Exception]
-) -> None:
+def test_a_reply_to_a_call_never_made_is_a_protocol_error() -> None:
     pair = Pair()
-    call_id, reply, value = _quick(pair, method)
-    assert value is NOT_QUICK
-    pair.client.register(call_id, "slot")
-    pair.deliver([reply])
-    ((slot, ok, error),) = pair.replies
-    assert (slot, ok) == ("slot", False)
-    assert type(error) is error_type
+    body = _join(Codec().encode_return(99, 3))[4:]
+    with pytest.raises(ProtocolError, match="never made"):
+        pair.client.receive(body)
 
 
-def test_quick_result_takes_only_the_reply_of_its_own_call() -> None:
+def test_fail_all_settles_every_pending_call_with_its_own_error() -> None:
     pair = Pair()
-    first, frame = pair.client.start_call("add", (1, 1), {})
-    second, _ = pair.client.start_call("add", (2, 2), {})
-    (reply,) = pair._serve(frame)
-    (body,) = pair.to_client.feed(reply)
-    assert pair.client.quick_result(body, second) is NOT_QUICK
-    assert pair.client.quick_result(body, first) == 2
-
-
-def test_quick_result_leaves_a_value_that_will_not_unpickle_to_receive() -> None:
-    pair = Pair()
-    call_id, frame = pair.client.start_call("add", (1, 2), {})
-    (reply,) = pair._serve(frame)
-    broken = reply[:-3] + b"\xff\xff\xff"  # the pickle, not the header
-    (body,) = pair.to_client.feed(broken)
-    assert pair.client.quick_result(body, call_id) is NOT_QUICK
-    pair.client.register(call_id, "slot")
-    pair.deliver([broken])
-    ((_, ok, error),) = pair.replies
-    assert not ok
-    assert isinstance(error, SerializationError)
-
-
-def test_quick_result_refuses_what_an_untrusted_peer_may_not_send() -> None:
-    pair = Pair()
-    pair.client.codec = Codec(untrusted=True)
-    call_id, _ = pair.client.start_call("add", (1, 2), {})
-    body = _join(Codec().encode_return(call_id, Service()))[4:]
-    with pytest.raises(ProtocolError):
-        pair.client.quick_result(body, call_id)
-
-
-def test_quick_result_before_the_hello_leaves_the_frame_to_receive() -> None:
-    client: ClientProtocol[str] = ClientProtocol(Codec())
-    body = _join(Codec().encode_return(1, 3))[4:]
-    assert client.quick_result(body, 1) is NOT_QUICK
+    pair.call("add", 1, 1, slot="first")
+    pair.call("add", 2, 2, slot="second")
+    pair.client.fail_all(lambda: ProtocolError("gone"))
+    assert sorted(name for name, _, _ in pair.replies) == ["first", "second"]
+    first, second = (error for _, _, error in pair.replies)
+    assert first is not second
+    assert pair.client.pending_count == 0
 
 
 def test_abandon_after_reply_taken_says_false() -> None:
@@ -251,7 +204,7 @@ def test_abandon_after_reply_taken_says_false() -> None:
 
 
 def test_client_refuses_anything_but_hello_first() -> None:
-    client: ClientProtocol[str] = ClientProtocol(Codec())
+    client: ClientProtocol[Recorder] = ClientProtocol(Codec())
     frame = _join(Codec().encode_return(1, 3))
     (body,) = FrameReader().feed(frame)
     with pytest.raises(ProtocolError, match="hello"):
@@ -277,7 +230,7 @@ def test_hello_of_other_version_is_a_protocol_error() -> None:
     [b"", b"\x03", b"\x63" + b"\x00" * 8 + b"junk", b"garbage that is not a pipe_rpc hello"],
 )
 def test_garbage_bodies_are_protocol_errors(body: bytes) -> None:
-    client: ClientProtocol[str] = ClientProtocol(Codec())
+    client: ClientProtocol[Recorder] = ClientProtocol(Codec())
     with pytest.raises(ProtocolError):
         client.receive(body)
 
@@ -292,7 +245,7 @@ def test_shutdown_reaches_server() -> None:
 def test_a_channel_request_says_whether_a_doorbell_comes_with_the_socket(doorbell: bool) -> None:
     pair = Pair()
     for make in (OpenChannel, functools.partial(Channel, doorbell=doorbell)):
-        call_id, frame = pair.client.send_request(make, "slot")
+        call_id, frame = pair.client.request(make, pair.slot("slot"))
         (body,) = FrameReader().feed(_join(frame))
         assert pair.server.receive(body) == make(call_id)
     assert Channel(7) == Channel(7, doorbell=False) != Channel(7, doorbell=True)

@@ -20,6 +20,7 @@ import queue
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -31,7 +32,8 @@ from typing import Any, TypeVar
 import pytest
 
 import pipe_rpc
-from pipe_rpc._client import Client, _Slot
+from pipe_rpc._client import Client
+from pipe_rpc._connection import PendingCall
 from pipe_rpc._messages import Channel, OpenChannel
 from pipe_rpc._protocol import MAX_CHANNELS
 from tests.calc_service import CalcService, CustomError
@@ -108,9 +110,9 @@ class Workers:
                 assert self.run(lambda n: calc.sleep_then_return(0.02, n)) == list(range(count))
             else:
                 assert self.run(lambda n: calc.meet(count)) == [True] * count
-            if len(client._channels) >= min(count, MAX_CHANNELS):
+            if len(client._core.lanes) >= min(count, MAX_CHANNELS):
                 break
-        return len(client._channels)
+        return len(client._core.lanes)
 
     def stop(self) -> None:
         for inbox in self.inboxes:
@@ -154,7 +156,7 @@ def blocked_reading(thread: threading.Thread) -> int | None:
 
 def asleep_on_doorbells(client: Client[Any], threads: list[threading.Thread]) -> bool:
     """Does every thread sleep on one of the client's doorbells?"""
-    doorbells = {channel.doorbell for channel in client._channels} - {-1}
+    doorbells = {channel.doorbell for channel in client._core.lanes} - {-1}
     return all(blocked_reading(thread) in doorbells for thread in threads)
 
 
@@ -176,7 +178,7 @@ def test_threads_that_call_together_get_side_channels_and_their_own_replies(
             return True
 
         assert workers.run(echo_many) == [True] * 4
-        assert len(client_of(server)._channels) == 4  # the same channels all along
+        assert len(client_of(server)._core.lanes) == 4  # the same channels all along
 
 
 def test_every_outcome_on_a_side_channel_reaches_its_own_thread(workers: Workers) -> None:
@@ -210,7 +212,7 @@ def test_every_outcome_on_a_side_channel_reaches_its_own_thread(workers: Workers
 
         expected = ["raised", "unpicklable", "not found", "bytes"] * 5
         assert workers.run(outcomes) == [expected] * 4
-        assert len(client_of(server)._channels) == 4  # the same channels all along
+        assert len(client_of(server)._core.lanes) == 4  # the same channels all along
         assert calc.side_channels() == 4
 
 
@@ -223,7 +225,7 @@ def test_threads_share_the_pipe_when_the_server_cannot_take_descriptors(
         assert calc.use_every_descriptor() > 0  # now no descriptor can be received
         client = client_of(server)
         assert workers.channels(calc, client) == 0
-        assert not client._channels_ok  # refused once, never asked again
+        assert not client._core.lanes.ok  # refused once, never asked again
         assert workers.run(lambda n: [calc.add(n, i) for i in range(200)]) == [
             [n + i for i in range(200)] for n in range(4)
         ]
@@ -242,9 +244,9 @@ def test_side_channels_leave_most_of_a_small_open_file_limit_to_the_service() ->
         with server as calc:
             client = client_of(server)
             assert crew.channels(calc, client) == expected
-            assert all(channel.doorbell >= 0 for channel in client._channels) == (expected == 6)
+            assert all(channel.doorbell >= 0 for channel in client._core.lanes) == (expected == 6)
             assert calc.side_channels() == expected
-            assert not client._channels_ok  # refused once, never asked again
+            assert not client._core.lanes.ok  # refused once, never asked again
             assert crew.run(lambda n: [calc.add(n, i) for i in range(20)]) == [
                 [n + i for i in range(20)] for n in range(24)
             ]
@@ -358,7 +360,7 @@ def test_a_timeout_on_a_side_channel_drops_it_and_its_late_reply_blocks_nobody(
             return "answered"
 
         assert workers.run(time_out) == ["timed out"] * 4
-        assert len(client._channels) == 0
+        assert len(client._core.lanes) == 0
         # The child sends four late replies to closed channels, then answers the next calls
         # (on the pipe, until the threads contend again and get new channels).
         patient = pipe_rpc.options(calc, timeout=10)
@@ -377,7 +379,7 @@ def test_a_thread_that_ends_gives_its_side_channel_back(workers: Workers) -> Non
         workers.stop()
         gc.collect()
         wait_until(lambda: calc.side_channels() == 0, "the server to drop the side channels")
-        assert len(client_of(server)._channels) == 0
+        assert len(client_of(server)._core.lanes) == 0
         assert calc.add(1, 2) == 3
 
 
@@ -386,7 +388,7 @@ def test_a_forked_child_closes_the_side_channels_it_inherits(workers: Workers) -
     with server as calc:
         client = client_of(server)
         assert workers.channels(calc, client) == 4
-        ours = {os.fstat(channel.fd).st_ino for channel in client._channels}
+        ours = {os.fstat(channel.fd).st_ino for channel in client._core.lanes}
         other_server = pipe_rpc.spawn(CalcService, start_method="fork")
         with other_server as other:
             assert other.add(1, 2) == 3
@@ -402,7 +404,7 @@ def test_a_side_channel_locked_at_a_fork_still_closes_in_the_child(workers: Work
     with server as calc:
         client = client_of(server)
         assert workers.channels(calc, client) == 4
-        channel = next(iter(client._channels))
+        channel = next(iter(client._core.lanes))
         with channel.lock:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the child)
@@ -446,7 +448,7 @@ def test_a_hand_written_setup_gets_side_channels(workers: Workers, watched: bool
         with pipe_rpc.Client[CalcService](parent, process=process if watched else None) as client:
             calc = client.proxy
             assert workers.channels(calc, client) == 4
-            assert {channel.doorbell >= 0 for channel in client._channels} == {watched}
+            assert {channel.doorbell >= 0 for channel in client._core.lanes} == {watched}
             assert workers.run(lambda n: [calc.add(n, i) for i in range(100)]) == [
                 [n + i for i in range(100)] for n in range(4)
             ]
@@ -476,7 +478,7 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
         ok, error, _ = workers.outboxes[1].get(timeout=SETTLE)
         assert not ok
         assert isinstance(error, pipe_rpc.CallTimeoutError), error
-        assert len(client._channels) == 3
+        assert len(client._core.lanes) == 3
         assert client.broken is None
         flag.touch()
         assert workers.outboxes[0].get(timeout=SETTLE)[:2] == (True, True)
@@ -484,13 +486,12 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
         assert workers.run(lambda n: [calc.add(n, 1) for _ in range(3)]) == [
             [n + 1] * 3 for n in range(4)
         ]
-        wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
+        wait_until(lambda: calc.side_channels() == len(client._core.lanes), "the child to drop it")
 
 
 def in_call(client: Client[Any]) -> bool:
-    """Is a call in progress? (A lone caller with no deadline reads its reply unregistered,
-    holding the read lock.)"""
-    return bool(client._protocol.pending) or client._read_lock.locked()
+    """Is a call in progress?"""
+    return bool(client._core.protocol.pending_count)
 
 
 def meet_another_call(calc: CalcService, client: Client[Any]) -> None:
@@ -511,19 +512,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise _Interrupted
 
 
-def test_an_interrupted_call_gives_up_its_side_channel() -> None:
-    """A signal handler that raises while the main thread sleeps on its side channel: the
-    channel goes (a frame may have been cut), and the next calls are answered rightly."""
+def test_the_main_thread_stays_on_the_pipe_and_an_interrupt_there_ends_its_call_alone() -> None:
+    """Signal handlers run in the main thread, so it never gets a side channel however
+    often it meets other calls; a signal handler that raises while it waits ends that
+    call, and the next calls are answered rightly."""
     server = pipe_rpc.spawn(CalcService, max_concurrency=2)
     with server as calc:
         client = client_of(server)
-        for _ in range(10):  # meet another thread's call, then ask on the next call
+        for _ in range(5):
             meet_another_call(calc, client)
             assert calc.add(1, 2) == 3
-            if client._local.channel is not None:
-                break
-        channel = client._local.channel
-        assert channel is not None
+        assert client._core.lanes.local.contended
+        assert client._core.lanes.local.channel is None
         previous = signal.signal(signal.SIGALRM, _interrupt)
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.2)
@@ -532,11 +532,9 @@ def test_an_interrupted_call_gives_up_its_side_channel() -> None:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        assert client._local.channel is None
-        assert channel not in client._channels
         assert [calc.add(2, i) for i in range(5)] == [2, 3, 4, 5, 6]
         assert calc.sleep_then_return(0.0, "next") == "next"
-        wait_until(lambda: calc.side_channels() == len(client._channels), "the child to drop it")
+        assert client._core.lanes.local.channel is None
 
 
 def test_a_descriptor_after_a_big_frame_is_kept() -> None:
@@ -563,7 +561,8 @@ def test_a_descriptor_after_a_big_frame_is_kept() -> None:
             bodies: list[bytes] = []
             deadline = time.monotonic() + SETTLE
             while len(bodies) < 2 and time.monotonic() < deadline:
-                bodies += [bytes(body) for body in transport.read(1.0)]
+                transport.read(1.0)
+                bodies += [bytes(body) for body in transport.take()]
             sender.join(SETTLE)
             assert [len(body) for body in bodies] == [len(big), 5]
             assert len(transport.fds) == 1
@@ -645,12 +644,12 @@ def test_a_channel_frame_without_a_true_doorbell_is_refused_and_the_pipe_goes_on
     try:
         with pipe_rpc.Client[CalcService](parent, process=process) as client:
             deadline = time.monotonic() + SETTLE
-            assert client._request(OpenChannel, deadline)
-            slot = _Slot()
-            call_id, frame = client._protocol.send_request(
-                functools.partial(Channel, doorbell=True), slot
-            )
-            client._exchange(slot, call_id, frame, deadline, fds)
+            assert client._core._request(OpenChannel, deadline)
+            slot = PendingCall()
+            core = client._core
+            _, frame = core.protocol.request(functools.partial(Channel, doorbell=True), slot)
+            core._send(frame, deadline, fds)
+            core._wait_pipe(slot, deadline)
             assert slot.done
             assert not slot.ok
             why = "came without its doorbell" if doorbell == "missing" else "not an eventfd"
@@ -678,33 +677,52 @@ def test_a_channel_frame_without_a_true_doorbell_is_refused_and_the_pipe_goes_on
 
 
 def test_a_call_interrupted_while_it_asks_for_a_side_channel_leaks_no_doorbell() -> None:
-    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    """An exception while a thread waits for its side channel to be granted (here one
+    raised at the wait's start, as an asynchronous exception would be) closes the
+    doorbell and both sockets it had made."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2)
     with server as calc:
         client = client_of(server)
-        for _ in range(10):  # meet another thread's call, so the next call asks for a channel
-            meet_another_call(calc, client)
-            if client._local.contended:
-                break
-        assert client._local.contended
-        # The child is busy, so the request for a channel waits, and the interrupt comes then.
-        busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, 0))
-        busy.start()
-        wait_until(lambda: in_call(client), "the busy call")
-        gc.collect()
-        before = CalcService().eventfd_numbers()  # this process's
-        previous = signal.signal(signal.SIGALRM, _interrupt)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0.2)
-            with pytest.raises(_Interrupted) as raised:
-                calc.add(1, 2)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-        assert "_open_channel" in [frame.name for frame in traceback.extract_tb(raised.tb)]
-        busy.join()
-        gc.collect()
-        assert not CalcService().eventfd_numbers() - before  # (others may have closed)
-        assert calc.add(2, 2) == 4
+        outcome: list[object] = []
+
+        def in_a_thread() -> None:
+            try:
+                for _ in range(10):  # meet another call, so the next call asks for a channel
+                    meet_another_call(calc, client)
+                    if client._core.lanes.local.contended:
+                        break
+                assert client._core.lanes.local.contended
+                gc.collect()
+                before = CalcService().eventfd_numbers()  # this process's
+                sys.setprofile(_raise_in_the_grant_wait)
+                try:
+                    calc.add(1, 2)
+                except _Interrupted as exc:
+                    outcome.append(traceback.extract_tb(exc.__traceback__))
+                finally:
+                    sys.setprofile(None)
+                gc.collect()
+                outcome.append(CalcService().eventfd_numbers() - before)
+                outcome.append(calc.add(2, 2))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(SETTLE)
+        assert not thread.is_alive()
+        assert len(outcome) == 3, outcome
+        raised, new_eventfds, answer = outcome
+        assert "_open" in [frame.name for frame in raised]  # type: ignore[attr-defined]
+        assert new_eventfds == set()  # (others may have closed)
+        assert answer == 4
+
+
+def _raise_in_the_grant_wait(frame: Any, event: str, arg: object) -> None:
+    if event == "call" and frame.f_code.co_name == "_wait_pipe":
+        caller = frame.f_back
+        if caller is not None and caller.f_code.co_name == "_request":
+            raise _Interrupted
 
 
 def test_a_wake_within_a_wake_of_the_same_channel_goes_through(workers: Workers) -> None:
@@ -714,7 +732,7 @@ def test_a_wake_within_a_wake_of_the_same_channel_goes_through(workers: Workers)
     with server:
         client = client_of(server)
         assert workers.channels(server.proxy, client) == 4
-        channel = next(iter(client._channels))
+        channel = next(iter(client._core.lanes))
 
         def wake_twice() -> None:
             with channel.lock:  # as wake() holds it

@@ -1,0 +1,548 @@
+"""The connection core: one pipe and its side channels, the life of a call, reading and waking.
+
+Theory of operation
+-------------------
+
+A call has one life, whatever its lane and deadline: it is *registered*
+(``ClientProtocol.start`` gives its id and frame, and a ``PendingCall`` waits
+in the table), *written* on its lane, then *waited for* until its outcome is
+settled, its deadline passes, or it ends early. The front-ends (the sync
+``Client``, and the asyncio, stream and pool front-ends) drive calls through
+``Connection``; nothing else knows how a reply finds its caller.
+
+Lanes. A call goes on the pipe, shared by every thread, or on its thread's
+*side channel* (see ``_protocol``), which a thread other than the main one
+gets once it has found another call in progress. The choice is a policy
+(``_lane``); both lanes are waited on the same way. The main thread, where
+signal handlers run, stays on the pipe: a side channel is made of bare
+descriptors, and an interrupt landing between making one and handing it to
+its owner would leak it.
+
+Waiting (leader and followers). On the pipe, the first waiting thread that
+takes the read lock *leads*: it reads for everyone and settles each reply it
+reads, waking that call's owner; the others *follow*, asleep on their own
+waiter. When the leader's own call is settled it hands the lead to one
+follower. A follower never sleeps longer than ``_RECHECK`` before it looks
+whether the lead is free, so a wake-up lost to an interrupt costs a moment,
+never a hang. A caller alone on the pipe is its own leader: one write, one
+read, its reply settled in place. On a side channel the caller is alone by
+construction and reads for itself. A deadline limits a wait; it never picks
+another path.
+
+Ending early. A ``KeyboardInterrupt``, any exception a signal handler raises,
+a timeout or a dying thread may end a call at any line. Locks are held only
+in ``with`` blocks, or taken inside ``try`` and released in ``finally`` by a
+bare ``release()`` whose ``RuntimeError`` says the thread did not hold it (an
+``RLock`` knows its owner, so a lock acquired just before an interrupt is
+still released, and no call stands between the ``finally`` and the release
+for an interrupt to land on); the transport never cuts a frame or loses a byte (see
+``_transport`` and ``_wire``); a reply settled twice is harmless (see
+``_protocol``). The call ends alone: it is abandoned, so its late reply is
+dropped, and a side channel it leaves with a call in flight is closed (nobody
+would read its reply, and a large one would block the server).
+
+Closing. ``close()`` shuts the pipe down first, which ends every wait and
+write on it at once, fails calls in flight, and closes the descriptor only
+under both the write and the read lock, after which every path checks
+``broken`` before touching it: a descriptor number is never closed under a
+thread that may still use it, so a call can never reach another process's
+pipe that got the same number.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection as Pipe
+from typing import Any, Protocol
+
+from ._codec import Codec
+from ._errors import (
+    CallTimeoutError,
+    ClientClosedError,
+    ConnectionLostError,
+    PipeRPCError,
+    ProtocolError,
+    StartupError,
+    WorkerDiedError,
+    describe_exitcode,
+)
+from ._lanes import SideChannel, SideChannels
+from ._liveness import (
+    HasSentinel,
+    PeerMonitor,
+    check_owner,
+    fork_generation,
+    register_holder,
+    wait_exitcode,
+)
+from ._messages import Channel, OpenChannel, Shutdown
+from ._protocol import ClientProtocol, StartupFailedSignal
+from ._proxy import fresh_error
+from ._transport import (
+    PeerGone,
+    Transport,
+    WriteTimeout,
+    enlarge_buffers,
+    is_unix_stream,
+    remaining,
+    shutdown,
+)
+from ._wire import Buffer
+
+#: How long a lost connection waits for the peer process's exit code.
+_EXIT_GRACE = 2.0
+#: A follower's longest sleep before it looks whether the lead is free.
+_RECHECK = 0.05
+#: What ``_time_left`` says when a wait is over.
+_OVER = -1.0
+#: What a transport raises when the connection is dead or broke the protocol.
+_IO_ERRORS = (PeerGone, ProtocolError, StartupFailedSignal, OSError)
+
+
+class Waiter(Protocol):
+    """What a call wakes when it is settled: a thread's lock, an event loop's future, ..."""
+
+    def wake(self) -> None: ...
+
+
+class ThreadWaiter:
+    """A waiter for one thread: a lock that stays held until something wakes it."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wake(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already woken and not yet asleep again
+            pass
+
+    def sleep(self, timeout: float) -> None:
+        self._lock.acquire(True, timeout)
+
+
+class PendingCall:
+    """One call's place in the pending table, and its outcome once settled."""
+
+    __slots__ = ("done", "method", "ok", "value", "waiter")
+
+    def __init__(self, method: str = "") -> None:
+        self.method = method
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+        self.waiter: Waiter | None = None  # set by an owner about to sleep
+
+    def settle(self, ok: bool, value: Any) -> None:
+        if not self.done:
+            self.ok = ok
+            self.value = value
+            self.done = True
+        waiter = self.waiter  # read after done: an owner that set it after sees done
+        if waiter is not None:
+            waiter.wake()
+
+    def settled(self) -> bool:
+        """``done``, read afresh (where a type checker has narrowed the attribute)."""
+        return self.done
+
+    def outcome(self) -> Any:
+        """The value, or raise the error (only once ``done``)."""
+        if self.ok:
+            return self.value
+        raise self.value
+
+
+class _Waiters(threading.local):
+    """Each calling thread's waiter, made the first time it sleeps."""
+
+    def __init__(self) -> None:
+        self.waiter = ThreadWaiter()
+
+
+class Connection:
+    """The client's end of one pipe to a server, and the life of every call on it.
+
+    Args:
+        conn: the client's end; ``serve()`` runs on the other.
+        codec: how payloads are pickled and unpickled.
+        process: the server's process (anything with ``.sentinel``), so that its
+            death fails calls at once with ``WorkerDiedError``.
+        max_frame: refuse replies larger than this (``ProtocolError``).
+    """
+
+    def __init__(
+        self,
+        conn: Pipe,
+        codec: Codec,
+        *,
+        process: HasSentinel | None = None,
+        max_frame: int | None = None,
+    ) -> None:
+        self._conn = conn
+        self._process = process
+        self._sentinel = None if process is None else getattr(process, "sentinel", None)
+        self._max_frame = max_frame
+        self.generation = fork_generation()
+        self.protocol: ClientProtocol[PendingCall] = ClientProtocol(codec)
+        self.pipe = Transport(conn, sentinel=self._sentinel, max_frame=max_frame)
+        self.death_hint: Callable[[int], str] = lambda exitcode: ""
+        self.closed = False
+        self.broken: PipeRPCError | None = None
+        self._write_lock = threading.RLock()
+        self._read_lock = threading.RLock()
+        self._state_lock = threading.Lock()  # the channel count and the monitor's start
+        self._waiters = _Waiters()
+        self.lanes = SideChannels(self._request, is_unix_stream(conn), self._sentinel, max_frame)
+        enlarge_buffers(conn)
+        register_holder(self)
+        try:
+            self.pipe.write(self.protocol.greeting())
+        except PeerGone:
+            # The peer may have written before it went (a child whose factory failed
+            # reports it and exits): the first read takes that, then finds the end.
+            pass
+
+    # -- a call's life --------------------------------------------------------
+
+    def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """Make one call and wait for its outcome: the one path of every sync call.
+
+        Raises:
+            CallTimeoutError: ``timeout`` seconds passed (the call is abandoned).
+            SerializationError: an argument would not pickle; nothing was sent.
+            ClientClosedError, ConnectionLostError, WorkerDiedError, ProtocolError:
+                the connection is closed or dead.
+        """
+        if self.generation != fork_generation():
+            check_owner(self.generation, "client")
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self.lanes.lane(deadline)
+        if self.protocol.pending_count:  # another call is in flight: this thread contends
+            self.lanes.local.contended = True
+        pending = PendingCall(method)
+        call_id, frame = self.protocol.start(method, args, kwargs, pending)
+        try:
+            if channel is None:
+                self._send(frame, deadline)
+                self._wait_pipe(pending, deadline)
+            else:
+                self._send_channel(channel, frame, deadline)
+                self._wait_channel(channel, pending, deadline)
+        except WriteTimeout:
+            self._end_early(call_id, channel)
+            raise CallTimeoutError(
+                f"{method}() timed out after {timeout} s waiting to send"
+            ) from None
+        except BaseException:  # an interrupt, a dying thread: this call alone ends
+            self._end_early(call_id, channel)
+            raise
+        if not pending.done:  # the deadline passed, or the connection broke
+            self._end_early(call_id, channel)
+            if not pending.settled():  # it may have been settled as it was abandoned
+                if self.broken is not None:
+                    raise fresh_error(self.broken)
+                raise CallTimeoutError(f"{method}() timed out after {timeout} s")
+        return pending.outcome()
+
+    def _end_early(self, call_id: int, channel: SideChannel | None) -> None:
+        """A call leaves without its outcome: forget it, and drop a side channel it used."""
+        self.protocol.abandon(call_id)
+        if channel is not None:
+            # Nobody would read its late reply: a big one would block the server's
+            # write, and every other caller with it. Closing makes that write fail.
+            self.lanes.drop(channel)
+
+    def _send(self, frame: list[Buffer], deadline: float | None, fds: Sequence[int] = ()) -> None:
+        """Write a registered call's frame on the pipe (under the write lock)."""
+        lock = self._write_lock
+        left = remaining(deadline)
+        try:
+            if not lock.acquire(True, -1 if left is None else left):
+                raise WriteTimeout("waiting to send")
+            if self.broken is not None:  # checked under the lock: close() closes under it
+                return
+            self.pipe.write(frame, deadline, fds)
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def _send_channel(
+        self, channel: SideChannel, frame: list[Buffer], deadline: float | None
+    ) -> None:
+        try:
+            channel.transport.write(frame, deadline)
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+
+    def _wait_pipe(self, pending: PendingCall, deadline: float | None) -> None:
+        """Return once ``pending`` is settled, its deadline passed, or the connection broke."""
+        lock = self._read_lock
+        while (left := self._time_left(pending, deadline)) != _OVER:
+            led = False
+            try:
+                if lock.acquire(False):
+                    led = True
+                    self._lead(pending, deadline)
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # this thread did not hold it
+                    pass
+                else:
+                    self._pass_lead()
+            if led:
+                continue
+            self.lanes.local.contended = True
+            waiter = self._waiters.waiter
+            pending.waiter = waiter
+            if not pending.done:  # settled before it could see the waiter
+                waiter.sleep(_RECHECK if left is None else min(left, _RECHECK))
+
+    def _time_left(self, pending: PendingCall, deadline: float | None) -> float | None:
+        """How long a wait for ``pending`` may still sleep (``None``: no bound), or
+        ``_OVER`` once it is settled, its deadline passed, or the connection broke."""
+        if pending.done or self.broken is not None:
+            return _OVER
+        left = remaining(deadline)
+        return _OVER if left == 0.0 else left
+
+    def _lead(self, pending: PendingCall, deadline: float | None) -> None:
+        """As the pipe's reader, read and hand out until ``pending`` is settled."""
+        pipe = self.pipe
+        while (left := self._time_left(pending, deadline)) != _OVER:
+            alone = self.protocol.pending_count < 2
+            if not alone:  # reading for others too: this thread contends
+                self.lanes.local.contended = True
+            try:
+                if not pipe.ready:  # frames left by an interrupted leader go first
+                    pipe.read(left, alone)
+                self._hand_out(pipe)
+            except _IO_ERRORS as exc:
+                self._io_failed(exc, pipe)
+
+    def _pass_lead(self) -> None:
+        """The leader left: wake one follower to read in its place."""
+        if self.protocol.pending_count:
+            for slot in self.protocol.slots():
+                if not slot.done and slot.waiter is not None:
+                    slot.waiter.wake()
+                    return
+
+    def _wait_channel(
+        self, channel: SideChannel, pending: PendingCall, deadline: float | None
+    ) -> None:
+        """Read this thread's side channel until ``pending`` is settled or its deadline passed.
+
+        With no deadline and a doorbell the caller sleeps on the doorbell first, at
+        most once a call (the ring it took may be for a reply still being written).
+        """
+        transport = channel.transport
+        rang = channel.doorbell < 0 or deadline is not None
+        while (left := self._time_left(pending, deadline)) != _OVER:
+            try:
+                if not transport.ready:
+                    if not rang:
+                        rang = True
+                        os.eventfd_read(channel.doorbell)
+                    transport.read(left, False)
+                self._hand_out(transport)
+            except _IO_ERRORS as exc:
+                self._io_failed(exc, transport)
+
+    def _hand_out(self, transport: Transport) -> None:
+        """Settle the call of each frame in ``transport.ready``, oldest first.
+
+        A frame leaves ``ready`` only after its call is settled: an interrupt in
+        between leaves it to be handed out again, which settles nothing twice.
+        """
+        ready = transport.ready
+        receive = self.protocol.receive
+        while ready:
+            receive(ready[0])
+            ready.popleft()
+
+    # -- side channels ------------------------------------------------------------
+
+    def _request(
+        self,
+        make: Callable[[int], OpenChannel | Channel],
+        deadline: float | None,
+        fds: Sequence[int] = (),
+    ) -> bool:
+        """Ask the server machinery for something (``make(call_id)``); True if it granted it."""
+        pending = PendingCall()
+        call_id, frame = self.protocol.request(make, pending)
+        try:
+            self._send(frame, deadline, fds)
+            self._wait_pipe(pending, deadline)
+        except WriteTimeout:
+            self.protocol.abandon(call_id)
+            return False
+        except BaseException:
+            self.protocol.abandon(call_id)
+            raise
+        if not pending.done:
+            self.protocol.abandon(call_id)
+            return False
+        if not pending.ok and self.broken is None:
+            self.lanes.ok = False  # refused: the server cannot take side channels
+        return pending.ok
+
+    # -- start, failure and close ---------------------------------------------------
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._read_lock:
+            while self.protocol.peer is None and self.broken is None:
+                left = remaining(deadline)
+                if left == 0.0:
+                    raise CallTimeoutError(f"no hello from the server after {timeout} s")
+                try:
+                    self.pipe.read(left)
+                    self._hand_out(self.pipe)
+                except _IO_ERRORS as exc:
+                    self._io_failed(exc, self.pipe)
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+
+    def _io_failed(self, exc: BaseException, transport: Transport | None) -> None:
+        """A read or write raised ``exc``: hand out what came before it, then break the
+        connection with the error that says why."""
+        if transport is not None and isinstance(exc, PeerGone):
+            try:
+                self._hand_out(transport)  # a last reply may have come before the end
+            except (ProtocolError, StartupFailedSignal) as later:
+                exc = later
+        self._break(self._error_for(exc))
+
+    def _error_for(self, exc: BaseException) -> PipeRPCError:
+        if self.broken is not None:
+            return self.broken
+        if isinstance(exc, StartupFailedSignal):
+            error = exc.message.error
+            failure = StartupError(
+                f"the factory failed in the child: {error!r}",
+                remote_traceback=str(error.__cause__ or ""),
+            )
+            failure.__cause__ = error
+            return failure
+        if isinstance(exc, ProtocolError):
+            return exc
+        if isinstance(exc, PeerGone):
+            return self._lost(str(exc))
+        return ClientClosedError("the client was closed") if self.closed else self._lost(repr(exc))
+
+    def connection_lost(self, reason: str) -> None:
+        """Fail every pending and later call as if the peer had gone (its exit code if known)."""
+        if self.broken is None and not self.closed:
+            self._break(self._lost(reason))
+
+    def _break(self, error: PipeRPCError) -> None:
+        """The connection is dead: every pending call and every later call gets ``error``."""
+        if self.broken is None:
+            self.broken = error
+            self.lanes.wake_all()  # the threads waiting on their own
+        broken = self.broken
+        self.protocol.fail_all(lambda: fresh_error(broken))
+
+    def _lost(self, reason: str) -> PipeRPCError:
+        """The error for a peer that went away: ``WorkerDiedError`` when we know its process."""
+        if self.closed:
+            return ClientClosedError("the client was closed")
+        process = self._process
+        if process is None:
+            return ConnectionLostError(f"the connection to the server was lost: {reason}")
+        exitcode = wait_exitcode(process, _EXIT_GRACE)
+        pid = getattr(process, "pid", None)
+        if exitcode is None:
+            return ConnectionLostError(
+                f"the connection to server process {pid} was lost ({reason}), "
+                "but the process has not exited"
+            )
+        hint = self.death_hint(exitcode)
+        return WorkerDiedError(
+            f"server process {pid} {describe_exitcode(exitcode)}{hint}", exitcode=exitcode
+        )
+
+    def close(self) -> None:
+        """Ask the server to stop, fail calls in flight (``ClientClosedError``), close the pipe."""
+        if self.generation != fork_generation():
+            self.close_inherited()
+            return
+        if self.closed:
+            return
+        self.closed = True
+        self._say_goodbye()
+        shutdown(self._conn)  # every read and write of the pipe ends now
+        self._break(ClientClosedError("the client was closed"))
+        if self.lanes.monitor is not None:
+            self.lanes.monitor.stop()
+        self._close_descriptor()
+
+    def _say_goodbye(self) -> None:
+        """Send ``Shutdown``, briefly: a frame an interrupted caller left is finished first."""
+        lock = self._write_lock
+        try:
+            if lock.acquire(True, 0.5) and self.broken is None:
+                self.pipe.write(self.protocol.codec.encode(Shutdown()), time.monotonic() + 0.5)
+        except (PeerGone, WriteTimeout, OSError):
+            pass
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def _close_descriptor(self) -> None:
+        """Close the pipe under both locks, so that no thread is using its number.
+
+        A lock still held after a second means a thread stuck outside pipe_rpc's
+        control: the descriptor is then left to the garbage collector.
+        """
+        writing, reading = self._write_lock, self._read_lock
+        try:
+            if writing.acquire(True, 1.0) and reading.acquire(True, 1.0):
+                self._conn.close()
+        finally:
+            try:
+                reading.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+            try:
+                writing.release()
+            except RuntimeError:
+                pass
+
+    def close_inherited(self) -> None:
+        """In a forked child: drop this process's copies of the descriptors, touching
+        nothing the owner shares (no shutdown, no goodbye)."""
+        self.closed = True
+        self.broken = self.broken or ClientClosedError("the client belongs to another process")
+        self._write_lock = threading.RLock()
+        self._read_lock = threading.RLock()
+        self._conn.close()
+
+    @property
+    def late_replies(self) -> int:
+        return self.protocol.late_replies
+
+    @property
+    def monitor(self) -> PeerMonitor | None:
+        """The thread watching the server's process, once there are side channels."""
+        return self.lanes.monitor

@@ -1,0 +1,108 @@
+"""Proxies: ``Proxy``, the bound remote method, ``options()``, and the option checks.
+
+A proxy turns ``proxy.add(1, 2)`` into ``invoker.invoke("add", (1, 2), {}, timeout)``
+on whatever made it: a ``Client`` or a ``Server``. Underscore names are answered
+locally, without a message.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Protocol, TypeVar, cast
+
+from ._errors import PipeRPCError
+
+T = TypeVar("T")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "The invoker's own default", where a timeout is expected.
+DEFAULT: Any = _Default()
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
+    """Return ``timeout`` as a float if it is ``None`` or a number > 0, else raise ``ValueError``.
+
+    An infinite timeout is ``None``: no deadline.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"{what} must be None or > 0, got {timeout!r}")
+    if math.isinf(timeout):
+        return None
+    return float(timeout)
+
+
+def fresh_error(error: PipeRPCError) -> PipeRPCError:
+    """A copy of ``error`` for one more caller (each raise gets its own traceback)."""
+    fresh = copy.copy(error)
+    fresh.__cause__ = error.__cause__
+    return fresh
+
+
+class Invoker(Protocol):
+    """What a proxy calls through: a ``Client`` or a ``Server``."""
+
+    def invoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any: ...
+
+
+class _Method:
+    """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
+
+    __slots__ = ("_invoke", "_name", "_timeout")
+
+    def __init__(self, invoker: Invoker, name: str, timeout: float | None) -> None:
+        self._invoke = invoker.invoke
+        self._name = name
+        self._timeout = timeout
+
+    # ``self`` is positional-only, so that a service's keyword named ``self`` passes.
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(self._name, args, kwargs, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name}>"
+
+
+class Proxy:
+    """Turns attribute calls into remote calls; underscore names are answered locally."""
+
+    def __init__(self, invoker: Invoker, timeout: float | None) -> None:
+        object.__setattr__(self, "_pipe_rpc_invoker", invoker)
+        object.__setattr__(self, "_pipe_rpc_timeout", timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = _Method(self._pipe_rpc_invoker, name, self._pipe_rpc_timeout)
+        object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
+        return method
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot set {name!r} on a pipe_rpc proxy")
+
+    def __repr__(self) -> str:
+        return f"<pipe_rpc proxy for {self._pipe_rpc_invoker!r}>"
+
+    _pipe_rpc_invoker: Invoker
+    _pipe_rpc_timeout: float | None
+
+
+def options(proxy: T, *, timeout: float | None) -> T:
+    """The same proxy with per-call options: ``options(calc, timeout=0.5).add(1, 2)``.
+
+    Raises:
+        TypeError: ``proxy`` is not a pipe_rpc proxy.
+        ValueError: ``timeout`` is not ``None`` or > 0.
+    """
+    if not isinstance(proxy, Proxy):
+        raise TypeError(f"options() takes a pipe_rpc proxy, got {type(proxy).__name__}")
+    return cast(T, Proxy(proxy._pipe_rpc_invoker, check_timeout(timeout)))
