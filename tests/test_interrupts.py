@@ -1,0 +1,476 @@
+"""Calls that end early: an interrupt at any line, a storm of them, close and restart races.
+
+Contract section 3a: an exception a signal handler raises, wherever it lands in
+a calling thread, ends that call alone: no lock stays held, no frame is left
+half-read or half-written for the next caller, the next call gets its own
+reply, and nothing hangs.
+
+An exception from a signal handler lands as a C call returns or a Python
+function starts. ``_interrupt_at`` raises one at exactly such a point, the
+n-th one of a call, for every n: a sweep over every place a real signal can
+land. The storms then send real ``SIGINT``s.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import pytest
+
+import pipe_rpc
+from pipe_rpc._connection import Connection
+from pipe_rpc._liveness import wait_exitcode
+from tests.calc_service import CalcService
+from tests.services import StartMethod
+from tests.test_side_channels import client_of, meet_another_call, wait_until
+
+#: The events at which the interpreter runs a signal handler: a C call returning and a
+#: Python function starting (the check at ``RESUME``).
+_LANDING = frozenset({"c_return", "call"})
+SETTLE = 15.0
+
+
+class _Landing:
+    """A profile hook that raises ``KeyboardInterrupt`` at the ``at``-th landing point."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.seen = 0
+        self.fired = False
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event in _LANDING and not self.fired:
+            self.seen += 1
+            if self.seen == self.at:
+                self.fired = True
+                raise KeyboardInterrupt
+
+
+def _interrupt_at(at: int, call: Callable[[], Any]) -> tuple[bool, bool]:
+    """Run ``call`` with an interrupt at its ``at``-th landing point.
+
+    Returns (the interrupt fired, the call raised ``KeyboardInterrupt``).
+    """
+    hook = _Landing(at)
+    sys.setprofile(hook)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return hook.fired, True
+    finally:
+        sys.setprofile(None)
+    return hook.fired, False
+
+
+def _landings(call: Callable[[], Any]) -> int:
+    """How many landing points one run of ``call`` passes."""
+    hook = _Landing(at=-1)
+    sys.setprofile(hook)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return hook.seen
+
+
+def _assert_consistent(core: Connection) -> None:
+    """Nothing of an ended call is left behind: no lock held, no call pending."""
+    for lock in (core._write_lock, core._read_lock):
+        assert lock.acquire(False), "a lock stayed held"
+        lock.release()
+    assert core.protocol.pending_count == 0
+    assert core.broken is None
+
+
+def _sweep(core: Connection, call: Callable[[], Any], check: Callable[[int], None]) -> int:
+    """Interrupt ``call`` at each of its landing points in turn; after each, ``check(n)``
+    must get its own reply. Returns how many points were swept."""
+    points = _landings(call)
+    assert points > 20  # the sweep reaches into the call
+    for at in range(1, points + 1):
+        fired, _ = _interrupt_at(at, call)
+        assert fired
+        check(at)
+        _assert_consistent(core)
+    return points
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_an_interrupt_at_any_landing_point_of_a_lone_call_ends_that_call_alone(
+    timeout: float | None,
+) -> None:
+    with pipe_rpc.spawn(CalcService, start_method="fork", timeout=timeout) as calc:
+        core = client_of(pipe_rpc_server(calc))._core
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+
+        def check(n: int) -> None:
+            assert bounded.add(n, 1) == n + 1
+            assert bounded.echo(("after", n)) == ("after", n)
+
+        _sweep(core, lambda: calc.add(2, 3), check)
+
+
+def test_an_interrupt_at_any_landing_point_of_a_big_call_ends_that_call_alone() -> None:
+    """Multi-MiB frames: written in parts, read in place."""
+    payload = bytes(range(256)) * (12 << 10)  # 3 MiB
+    with pipe_rpc.spawn(CalcService, start_method="fork") as calc:
+        core = client_of(pipe_rpc_server(calc))._core
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+
+        def check(n: int) -> None:
+            assert bounded.add(n, 1) == n + 1
+            assert bounded.echo(payload) == payload
+
+        points = _sweep(core, lambda: calc.echo(payload), check)
+        assert points > 20
+
+
+def test_an_interrupt_at_any_landing_point_of_a_side_channel_call_ends_that_call_alone() -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2)
+    with server as calc:
+        client = client_of(server)
+        core = client._core
+        errors: list[BaseException] = []
+
+        def in_a_thread() -> None:  # a thread of its own, so it gets a side channel
+            try:
+                for _ in range(10):
+                    meet_another_call(calc, client)
+                    if core.lanes.local.channel is not None:
+                        break
+                assert core.lanes.local.channel is not None
+
+                def check(n: int) -> None:
+                    assert pipe_rpc.options(calc, timeout=SETTLE).add(n, 1) == n + 1
+
+                _sweep(core, lambda: calc.add(2, 3), check)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(SETTLE * 4)
+        assert not thread.is_alive()
+        assert not errors, errors
+
+
+def pipe_rpc_server(proxy: object) -> pipe_rpc.Server[Any]:
+    """The server behind a ``spawn`` proxy."""
+    server = proxy._pipe_rpc_invoker  # type: ignore[attr-defined]
+    assert isinstance(server, pipe_rpc.Server)
+    return server
+
+
+# -- real signals -------------------------------------------------------------------
+
+
+class _Storm:
+    """A thread that sends ``SIGINT`` to the main thread every 0-2 ms until stopped."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        main = threading.main_thread().ident
+        assert main is not None
+        rng = random.Random(7)
+        while not self._stop.wait(rng.uniform(0, 0.002)):
+            signal.pthread_kill(main, signal.SIGINT)
+            self.sent += 1
+
+    def __enter__(self) -> _Storm:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(SETTLE)
+
+
+class _Armed:
+    """A SIGINT handler that raises ``KeyboardInterrupt`` only while the test is inside a
+    call: the test's own loop must not be hit between calls, pipe_rpc anywhere in them."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.armed:
+            raise KeyboardInterrupt
+
+    def calls_until(
+        self, deadline: float, call: Callable[[int], Any], expected: Callable[[int], Any]
+    ) -> tuple[int, int]:
+        """Call until ``deadline``, each reply checked; returns (answered, interrupted)."""
+        answered = interrupted = 0
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            got: Any = _NOTHING
+            try:
+                self.armed = True
+                got = call(n)
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                self.armed = False
+            if got is not _NOTHING:
+                assert got == expected(n)
+                answered += 1
+        return answered, interrupted
+
+
+_NOTHING = object()
+
+
+@pytest.fixture
+def armed() -> Iterator[_Armed]:
+    handler = _Armed()
+    previous = signal.signal(signal.SIGINT, handler)
+    yield handler
+    signal.signal(signal.SIGINT, previous)
+
+
+def _calls_until(
+    deadline: float, call: Callable[[int], Any], expected: Callable[[int], Any]
+) -> tuple[int, int]:
+    """Call until ``deadline``, each reply checked (no signal reaches this thread)."""
+    answered = 0
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        assert call(n) == expected(n)
+        answered += 1
+    return answered, 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_a_sigint_storm_with_four_calling_threads_hangs_nothing(
+    method: StartMethod, timeout: float | None, armed: _Armed
+) -> None:
+    """Four seconds of SIGINT at the main thread while it and three others call: every
+    call that returns has its own reply, the others go on unhurt, nothing hangs."""
+    server = pipe_rpc.spawn(CalcService, start_method=method, max_concurrency=4, timeout=timeout)
+    with server as calc:
+        end = time.monotonic() + 4.0
+        results: dict[int, tuple[int, int]] = {}
+        errors: list[BaseException] = []
+
+        def worker(tag: int) -> None:
+            try:
+                results[tag] = _calls_until(
+                    end, lambda n: calc.echo((tag, n, b"x" * n)), lambda n: (tag, n, b"x" * n)
+                )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(tag,)) for tag in (1, 2, 3)]
+        for thread in threads:
+            thread.start()
+        with _Storm() as storm:
+            answered, interrupted = armed.calls_until(
+                end, lambda n: calc.echo((0, n)), lambda n: (0, n)
+            )
+        for thread in threads:
+            thread.join(SETTLE)
+        assert not any(thread.is_alive() for thread in threads), "a caller hung"
+        assert not errors, errors
+        assert storm.sent > 200
+        assert interrupted > 50  # the storm reached the calls
+        assert answered > 0
+        assert all(done > 0 for done, _ in results.values())
+        # Afterwards every thread's call is answered, with its own reply.
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+        assert bounded.echo("main") == "main"
+        assert [bounded.add(i, 1) for i in range(20)] == list(range(1, 21))
+        started = time.monotonic()
+    assert time.monotonic() - started < SETTLE  # close() too
+
+
+def test_an_interrupt_while_a_big_request_is_half_written_leaves_the_pipe_framed() -> None:
+    """The child is busy, so a multi-MiB request stops half written; an interrupt ends
+    that call, and the next call (rest of the frame first) gets its own reply."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=1)
+    with server as calc:
+        core = client_of(server)._core
+        busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, "busy"))
+        busy.start()
+        wait_until(lambda: core.protocol.pending_count > 0, "the busy call")
+        previous = signal.signal(signal.SIGALRM, _raise_interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(KeyboardInterrupt):
+                calc.echo(b"x" * (32 << 20))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert pipe_rpc.options(calc, timeout=8.0).add(1, 2) == 3
+        busy.join(SETTLE)
+        assert pipe_rpc.options(calc, timeout=8.0).echo("next") == "next"
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# -- close and restart races ----------------------------------------------------------
+
+
+class Named:
+    """A service that says who it is and remembers what it was asked."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[object] = []
+
+    def who(self, value: object) -> tuple[str, object]:
+        self.seen.append(value)
+        return self.name, value
+
+    def asked(self) -> list[object]:
+        return self.seen
+
+
+class SlowToPickle:
+    """An argument whose pickling says it started, then takes a while: a race's window."""
+
+    started = threading.Event()
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[type[int], tuple[int]]:
+        SlowToPickle.started.set()
+        time.sleep(1.2)  # longer than close() waits for a reader to finish
+        return int, (self.value,)
+
+
+@pytest.mark.parametrize(
+    ("method", "timeout"), [("fork", None), ("forkserver", SETTLE), ("spawn", SETTLE)]
+)
+def test_a_call_racing_close_never_reaches_the_pipe_that_reuses_its_descriptor(
+    method: StartMethod, timeout: float | None
+) -> None:
+    """A call is pickling its argument when another thread closes its server, and a new
+    pipe, served by another service, gets the old descriptor numbers: the call ends with
+    ``ClientClosedError``, and the other service never sees it."""
+    first = pipe_rpc.spawn(functools.partial(Named, "A"), start_method=method)
+    outcome: list[object] = []
+    SlowToPickle.started.clear()
+
+    def caller() -> None:
+        try:
+            outcome.append(pipe_rpc.options(first.proxy, timeout=timeout).who(SlowToPickle(1)))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert SlowToPickle.started.wait(SETTLE)
+    first.close()
+    ours, theirs = multiprocessing.Pipe()  # the lowest free numbers: most often A's
+    other = Named("B")
+    server = threading.Thread(target=pipe_rpc.serve, args=(other, theirs), daemon=True)
+    server.start()
+    with pipe_rpc.Client[Named](ours, timeout=SETTLE) as client:
+        thread.join(SETTLE)
+        assert not thread.is_alive()
+        assert client.proxy.asked() == [], "the new service ran the closed server's call"
+    (got,) = outcome
+    assert isinstance(got, pipe_rpc.ClientClosedError), repr(got)
+    server.join(SETTLE)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_restart_race_raises_only_pipe_rpc_errors(method: StartMethod) -> None:
+    """Eight threads call while the child is killed and replaced, twenty times over:
+    every call returns its own value or raises a pipe_rpc error, never a raw one."""
+    server = pipe_rpc.spawn(
+        CalcService, start_method=method, restart="on-failure", max_concurrency=8
+    )
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker(tag: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:  # a call that takes a moment, so that the kill finds every thread waiting
+                assert server.proxy.sleep_then_return(0.005, (tag, n)) == (tag, n)
+            except pipe_rpc.PipeRPCError:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    with server:
+        threads = [threading.Thread(target=worker, args=(tag,)) for tag in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(20):
+                _kill_and_wait_for_restart(server)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(SETTLE)
+        assert not any(thread.is_alive() for thread in threads)
+        assert not errors, errors
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_dead_childs_exit_code_is_still_answered_after_a_restart_closed_its_handle(
+    method: StartMethod,
+) -> None:
+    """A thread still reading a dead child's pipe asks for its exit code after another
+    thread's restart closed the process handle: it gets the code, not ``ValueError``."""
+    server = pipe_rpc.spawn(CalcService, start_method=method)
+    with server:
+        child = server._handle.child
+        assert child is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.stop(graceful=0)  # as a restart does: reaps the child, closes the handle
+        assert wait_exitcode(child.process, 0.5) == -signal.SIGKILL
+        assert child.process.sentinel == -1
+        child.process.join(0.1)  # answers, too
+
+
+def _kill_and_wait_for_restart(server: pipe_rpc.Server[Any]) -> None:
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server.pid != pid, "a restart")
+
+
+# -- small ones ---------------------------------------------------------------------------
+
+
+class Keywords:
+    def keywords(self, /, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+def test_a_keyword_named_self_reaches_the_service() -> None:
+    with pipe_rpc.spawn(Keywords, start_method="fork") as proxy:
+        assert proxy.keywords(self=1, other=2) == {"self": 1, "other": 2}
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e7, 1e12])
+def test_a_huge_timeout_is_a_long_deadline_not_an_overflow(timeout: float) -> None:
+    with pipe_rpc.spawn(CalcService, start_method="fork", timeout=timeout) as calc:
+        assert calc.add(1, 2) == 3
+        assert pipe_rpc.options(calc, timeout=timeout).add(2, 2) == 4
