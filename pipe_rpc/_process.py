@@ -247,6 +247,8 @@ class _GuardedProcess:
 class _Child:
     """One child process and the client talking to it."""
 
+    fd = -1  # the parent end's descriptor: readable once the hello (or a failure) is in
+
     def __init__(self, process: _GuardedProcess, client: Client[Any]) -> None:
         self.process = process
         self.client = client
@@ -357,8 +359,11 @@ class Server(Generic[T]):
         allowed_types: Iterable[type],
         max_reply_bytes: int | None,
         name: str | None,
+        start_timeout: float | None = None,
+        wait: bool = True,
     ) -> None:
         self.timeout = check_timeout(timeout)
+        self._start_timeout = check_timeout(start_timeout, "start_timeout")
         self._method: StartMethod = start_method or default_start_method()
         self._context: Any = multiprocessing.get_context(self._method)
         if self._method == "forkserver":
@@ -383,11 +388,12 @@ class Server(Generic[T]):
         weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
         with self._handle.lock:
-            self._start()
+            self._start(wait)
 
     # -- the child ----------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self, wait: bool = True) -> None:
+        """Start a child; with ``wait``, return once it has answered (else see ``_greet``)."""
         parent_end, child_end = self._context.Pipe(duplex=True)
         _PARENT_ENDS.add(parent_end)
         process = self._context.Process(
@@ -417,12 +423,40 @@ class Server(Generic[T]):
             # the handle, which its finalizer holds, and it would never be collected.
             client.death_hint = self._limits.explain
         child = _Child(guarded, client)
+        child.fd = parent_end.fileno()
         self._handle.child = child
+        if wait:
+            self._greet(self._start_timeout)
+
+    # A start in two steps, for a pool that starts its children at once: ``_start(False)``,
+    # then ``_greet`` once ``_answered`` says the child has said something.
+
+    def _answered(self, timeout: float = 0.0) -> bool:
+        """Whether ``_greet`` would return at once: the hello, a failure or the end is in."""
+        child = self._handle.child
+        return child is None or wait_readable(child.fd, timeout) or child.sentinel_fired()
+
+    def _ended(self) -> bool:
+        """One poll of the child's sentinel (``is_alive`` may ask multiprocessing, at a cost)."""
+        child = self._handle.child
+        return child is None or child.sentinel_fired()
+
+    def _greet(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` s for the child's hello; stop it and raise ``StartupError``
+        if the factory failed, the child died, or the time ran out."""
+        child = self._handle.child
+        assert child is not None
         try:
-            client.wait_ready()
+            child.client.wait_ready(timeout)
         except StartupError:
             child.stop(graceful=1.0)
             raise
+        except CallTimeoutError:
+            child.stop(graceful=0)
+            raise StartupError(
+                f"the child did not answer within start_timeout={self._start_timeout} s "
+                f"and was killed"
+            ) from None
         except PipeRPCError as exc:
             child.stop(graceful=0)
             raise StartupError(f"the child failed while starting: {exc}") from exc
@@ -571,6 +605,7 @@ def spawn(
     name: str | None = None,
     allowed_types: Iterable[type] = (),
     max_reply_bytes: int | None = None,
+    start_timeout: float | None = None,
 ) -> Server[T]:
     """Start ``factory()`` in a child process and return the handle to it.
 
@@ -578,27 +613,16 @@ def spawn(
 
     Raises:
         ValueError: an option is out of range.
-        StartupError: the factory raised, or the child died while starting.
+        StartupError: the factory raised, the child died while starting, or it did
+            not answer within ``start_timeout`` seconds (it is then killed).
     """
-    if start_method is not None and start_method not in _METHODS:
-        raise ValueError(f"start_method must be one of {_METHODS} or None, got {start_method!r}")
-    if on_timeout not in _ON_TIMEOUT:
-        raise ValueError(f"on_timeout must be one of {_ON_TIMEOUT}, got {on_timeout!r}")
-    if restart not in _RESTART:
-        raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
-    check_max_concurrency(max_concurrency)
-    from ._limits import Limits
-
-    if limits is not None and not isinstance(limits, Limits):
-        raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
+    check_options(factory, start_method, on_timeout, restart, max_concurrency, limits)
     if max_reply_bytes is not None and (
         isinstance(max_reply_bytes, bool)
         or not isinstance(max_reply_bytes, int)
         or max_reply_bytes < 16
     ):
         raise ValueError(f"max_reply_bytes must be None or an int >= 16, got {max_reply_bytes!r}")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {factory!r}")
     return Server(
         factory,
         timeout=timeout,
@@ -611,4 +635,29 @@ def spawn(
         allowed_types=allowed_types,
         max_reply_bytes=max_reply_bytes,
         name=name,
+        start_timeout=start_timeout,
     )
+
+
+def check_options(
+    factory: object,
+    start_method: str | None,
+    on_timeout: str,
+    restart: str,
+    max_concurrency: int,
+    limits: object,
+) -> None:
+    """Raise ``ValueError`` or ``TypeError`` for an option of ``spawn`` or ``pool`` out of range."""
+    if start_method is not None and start_method not in _METHODS:
+        raise ValueError(f"start_method must be one of {_METHODS} or None, got {start_method!r}")
+    if on_timeout not in _ON_TIMEOUT:
+        raise ValueError(f"on_timeout must be one of {_ON_TIMEOUT}, got {on_timeout!r}")
+    if restart not in _RESTART:
+        raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
+    check_max_concurrency(max_concurrency)
+    from ._limits import Limits
+
+    if limits is not None and not isinstance(limits, Limits):
+        raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}")
