@@ -22,6 +22,7 @@ from ._server import serve
 
 if _typing.TYPE_CHECKING:
     from ._limits import Limits
+    from ._pool import Pool, pool
 
 __all__ = [
     "CallTimeoutError",
@@ -31,6 +32,7 @@ __all__ = [
     "Limits",
     "MethodNotFoundError",
     "PipeRPCError",
+    "Pool",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -39,6 +41,7 @@ __all__ = [
     "StartupError",
     "WorkerDiedError",
     "options",
+    "pool",
     "serve",
     "spawn",
 ]
@@ -51,6 +54,11 @@ def __getattr__(name: str) -> object:
         from ._limits import Limits
 
         return Limits
+    # A child imports this package on every start, and never needs the pool.
+    if name in ("Pool", "pool"):
+        from . import _pool
+
+        return getattr(_pool, name)
     raise AttributeError(f"module 'pipe_rpc' has no attribute {name!r}")
 
 

@@ -187,7 +187,7 @@ def _starts_children_outside_guard(tree: ast.Module) -> list[int]:
         for node in ast.walk(statement):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func).rsplit(".", 1)[-1]
-                if name in {"spawn", "Process", "Pool"}:
+                if name in {"spawn", "pool", "Process", "Pool"}:
                     lines.append(node.lineno)
     return lines
 
@@ -200,6 +200,7 @@ def test_scripts_that_start_children_show_the_main_guard(block: Block) -> None:
 
 def test_main_guard_check_can_fail() -> None:
     unguarded = ast.parse("import pipe_rpc\nserver = pipe_rpc.spawn(dict)\n")
+    assert _starts_children_outside_guard(ast.parse("import pipe_rpc\npipe_rpc.pool(dict)\n"))
     guarded = ast.parse("import pipe_rpc\nif __name__ == '__main__':\n    pipe_rpc.spawn(dict)\n")
     assert _starts_children_outside_guard(unguarded) == [2]
     assert _starts_children_outside_guard(guarded) == []

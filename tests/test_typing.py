@@ -47,6 +47,12 @@ class Calculator:
     def describe(self, *, verbose: bool = False) -> str:
         return "calculator"
 
+    def describe_one(self, name: str) -> str:
+        return name
+
+    def negate(self, x: int) -> int:
+        return -x
+
 
 class KeyValueStore(Protocol):
     def get(self, key: str) -> bytes | None: ...
@@ -260,6 +266,90 @@ REVEALS = [
         """,
         revealed=r"pipe_rpc\._errors\.CallTimeoutError",
     ),
+    # pool() and Pool[T]
+    Case(
+        "pool_class",
+        "reveal_type(pipe_rpc.pool(Calculator, size=2))",
+        revealed=r"pipe_rpc\._pool\.Pool\[\w+\.Calculator\]",
+    ),
+    Case(
+        "pool_all_options",
+        """
+        pool = pipe_rpc.pool(
+            functools.partial(make_calculator, 2),
+            size=4,
+            timeout=1.5,
+            start_method="spawn",
+            on_timeout="kill",
+            max_concurrency=2,
+            limits=pipe_rpc.Limits(memory_bytes=1 << 30),
+            untrusted=True,
+            name="calc",
+            allowed_types=(int,),
+            start_timeout=10.0,
+            max_calls_per_child=1000,
+            max_memory_per_child=1 << 30,
+        )
+        reveal_type(pool)
+        """,
+        revealed=r"pipe_rpc\._pool\.Pool\[\w+\.Calculator\]",
+    ),
+    Case(
+        "pool_proxy_call",
+        "reveal_type(pipe_rpc.pool(Calculator).proxy.add(1, 2))",
+        revealed=r"int",
+    ),
+    Case(
+        "pool_with_target",
+        """
+        with pipe_rpc.pool(Calculator) as calc:
+            reveal_type(calc)
+        """,
+        revealed=r"\w+\.Calculator",
+    ),
+    Case(
+        "pool_map",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        reveal_type(pool.map(pool.proxy.describe_one, ["a", "b"]))
+        """,
+        revealed=r"typing\.Iterator\[str\]",
+    ),
+    Case(
+        "pool_map_unordered_with_options",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        fast = pipe_rpc.options(pool.proxy, timeout=1.0)
+        reveal_type(pool.map(fast.negate, range(10), ordered=False))
+        """,
+        revealed=r"typing\.Iterator\[int\]",
+    ),
+    Case(
+        "pool_broadcast",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        reveal_type(pool.broadcast(pool.proxy.add, 1, b=2))
+        """,
+        revealed=r"list\[int\]",
+    ),
+    Case(
+        "pool_pids_size",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        pool.close(timeout=1.0)
+        reveal_type((pool.pids, pool.size))
+        """,
+        revealed=r"tuple\[list\[int\], int\]",
+    ),
+    Case(
+        "pool_aclose",
+        """
+        async def main() -> None:
+            async with pipe_rpc.pool(Calculator) as calc:
+                reveal_type(calc)
+        """,
+        revealed=r"\w+\.Calculator",
+    ),
     # the cloudpickle stubs
     Case(
         "cloudpickle_dumps",
@@ -440,6 +530,51 @@ REJECTS = [
         'pipe_rpc.WorkerDiedError("x", exitcode="9")',
         error_code="arg-type",
         message=r'"exitcode" to "WorkerDiedError"',
+    ),
+    Case(
+        "pool_proxy_argument",
+        'pipe_rpc.pool(Calculator).proxy.add(1, "2")',
+        error_code="arg-type",
+        message=r'Argument 2 to "add" of "Calculator"',
+    ),
+    Case(
+        "pool_map_item_type",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        pool.map(pool.proxy.negate, ["not", "ints"])
+        """,
+        error_code="arg-type",
+        message=r'"map" of "Pool" has incompatible type',
+    ),
+    Case(
+        "pool_map_needs_one_argument",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        pool.map(pool.proxy.add, [1, 2])
+        """,
+        error_code="arg-type",
+        message=r'Argument 1 to "map" of "Pool"',
+    ),
+    Case(
+        "pool_broadcast_arguments",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        pool.broadcast(pool.proxy.add, 1)
+        """,
+        error_code="call-arg",
+        message=r'Missing positional argument "b"',
+    ),
+    Case(
+        "pool_size_type",
+        'pipe_rpc.pool(Calculator, size="2")',
+        error_code="arg-type",
+        message=r'"size" to "pool"',
+    ),
+    Case(
+        "pool_no_restart_option",
+        'pipe_rpc.pool(Calculator, restart="on-failure")',
+        error_code="call-arg",
+        message=r'Unexpected keyword argument "restart"',
     ),
     Case(
         "cloudpickle_protocol_type",
