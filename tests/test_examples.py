@@ -39,6 +39,12 @@ EXPECTED: dict[str, list[str]] = {
         r"fresh child: True",
         r"parent \d+ is still running",
     ],
+    "pool_parse": [
+        r"parsed 37 of 40 lines, \d+ words",
+        re.escape("crashed on lines: 7 (-11), 19 (-11), 31 (-11)"),
+        r"children now: 2, replaced: True",
+        r"parent \d+ is still running",
+    ],
     "typed_protocol": [
         re.escape("get('a') = b'1'"),
         re.escape("get('missing') = None"),
