@@ -340,6 +340,18 @@ def test_map_ordered_and_unordered(method: StartMethod, pools: list[pipe_rpc.Poo
     assert list(pool.map(pool.proxy.square, [])) == []
 
 
+def test_map_keeps_max_concurrency_calls_in_each_child(
+    gate: Path, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    """Two places per child: item 0 holds one of them, the rest go on meanwhile."""
+    pool = pipe_rpc.pool(Worker, size=1, max_concurrency=2, start_method="forkserver")
+    pools.append(pool)
+    results = pool.map(pool.proxy.hold_first, [(x, str(gate)) for x in range(6)], ordered=False)
+    assert sorted(next(results) for _ in range(5)) == [1, 2, 3, 4, 5]
+    release(gate)
+    assert next(results) == 0
+
+
 def test_map_unordered_yields_results_as_they_come(
     gate: Path, pools: list[pipe_rpc.Pool[Worker]]
 ) -> None:
@@ -409,6 +421,17 @@ def test_map_is_lazy_and_bounded(pools: list[pipe_rpc.Pool[Worker]]) -> None:
         next(results)
     assert drawn == seen
     assert pool.proxy.square(4) == 16
+
+
+def test_map_on_a_closed_pool_raises_once_and_ends() -> None:
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    results = pool.map(pool.proxy.square, itertools.count())
+    assert next(results) == 0
+    pool.close()
+    with pytest.raises(pipe_rpc.ClientClosedError):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
 
 
 def test_map_rejects_what_is_not_a_method_of_its_proxy(
