@@ -29,6 +29,7 @@ from collections.abc import Callable  # noqa: E402
 from benchmarks.common import Section, Settings, Slot, say  # noqa: E402
 from benchmarks.lifecycle import fig_crash, fig_kill, fig_rss, fig_startup  # noqa: E402
 from benchmarks.peers import Pyro, Rpyc  # noqa: E402
+from benchmarks.pool import fig_pool  # noqa: E402
 from benchmarks.report import machine_info, render, write_json  # noqa: E402
 from benchmarks.speed import fig_echo, fig_latency, fig_threads  # noqa: E402
 from benchmarks.systems import (  # noqa: E402
@@ -55,9 +56,10 @@ FIGURES: tuple[tuple[str, Callable[[list[Slot], Settings], Section]], ...] = (
     ("startup", fig_startup),
     ("crash", fig_crash),
     ("kill", fig_kill),
+    ("pool", fig_pool),
 )
 #: Printed order: the figure numbers.
-PRINT_ORDER = ("latency", "threads", "echo", "startup", "crash", "kill", "rss")
+PRINT_ORDER = ("latency", "threads", "echo", "startup", "crash", "kill", "rss", "pool")
 
 METHODS = ("fork", "forkserver", "spawn")
 HELPERS = ("forkserver", "resource_tracker")  # multiprocessing's own helpers end with us

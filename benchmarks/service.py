@@ -50,6 +50,39 @@ class Service:
 _SERVICE = Service()
 
 
+class PoolService:
+    """The service of figure 8 (pools): tiny tasks, CPU-bound tasks, a crash."""
+
+    def square(self, x: int) -> int:
+        return x * x
+
+    def burn(self, ms: float) -> int:
+        return burn(ms)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def crash(self) -> NoReturn:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        ctypes.string_at(0)
+        os._exit(70)  # not reached
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def burn(ms: float) -> int:
+    """Spin the CPU for ``ms`` milliseconds of this process's CPU time."""
+    end = time.process_time() + ms / 1000
+    count = 0
+    while time.process_time() < end:
+        count += 1
+    return count
+
+
 def call_service(name: str, *args: Any) -> Any:
     """Module-level entry point (picklable by reference) for ProcessPoolExecutor.submit."""
     return getattr(_SERVICE, name)(*args)
