@@ -16,6 +16,7 @@ from ._codec import Codec
 from ._connection import Connection
 from ._errors import PipeRPCError
 from ._liveness import HasSentinel, PeerMonitor
+from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, check_timeout
 
 T = TypeVar("T")
@@ -62,6 +63,14 @@ class Client(Generic[T]):
         if timeout is DEFAULT:
             timeout = self.timeout
         return self._core.call(method, args, kwargs, timeout)
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (from the server's hello, or asked once)."""
+        return self._core.kind(name)
+
+    def get(self, name: str, timeout: float | None = DEFAULT) -> Any:
+        """Read the service's public property or data attribute ``name``."""
+        return self._core.get(name, self.timeout if timeout is DEFAULT else timeout)
 
     def close(self) -> None:
         """Ask the server to stop, fail calls in flight (``ClientClosedError``), close the pipe."""

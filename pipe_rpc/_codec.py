@@ -40,9 +40,12 @@ from ._messages import (
     PROTOCOL_VERSION,
     Call,
     Channel,
+    Describe,
     Fail,
     FailKind,
+    Get,
     Hello,
+    Kind,
     Message,
     OpenChannel,
     Raise,
@@ -190,7 +193,12 @@ class Codec:
             return frame(Tag.STARTUP_FAILED, 0, _exception_payload(message.error), [])
         if isinstance(message, Hello):
             payload = HELLO_MAGIC + _HELLO.pack(message.version, message.pid)
+            if message.kinds:  # plain data: a dict of str to int
+                payload += pickle.dumps({k: int(v) for k, v in message.kinds.items()}, 5)
             return frame(Tag.HELLO, 0, payload, [])
+        if isinstance(message, Get | Describe):
+            tag = Tag.GET if isinstance(message, Get) else Tag.DESCRIBE
+            return frame(tag, message.call_id, message.name.encode(), [])
         if isinstance(message, OpenChannel):
             return frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
         if isinstance(message, Channel):
@@ -228,14 +236,15 @@ class Codec:
             () if wrap is None else wrap.made,
         )
 
-    def encode_return(self, call_id: int, value: object) -> list[Buffer]:
-        """The hot path of ``encode`` for a return value."""
+    def encode_return(self, call_id: int, value: object, method: str = "") -> list[Buffer]:
+        """The hot path of ``encode`` for a return value (of ``method``, for errors)."""
+        what = "the result of " if method else "the result"
         if type(value) is bytes and len(value) >= OOB_BYTES:
             wrapped = pickle.PickleBuffer(value)
-            return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
+            return _fast_frame(RETURN, call_id, wrapped, what, method, (wrapped,))
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
             return in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
-        return _fast_frame(RETURN, call_id, value, "result", "")
+        return _fast_frame(RETURN, call_id, value, what, method)
 
     # -- decoding ---------------------------------------------------------
 
@@ -286,7 +295,13 @@ class Codec:
         if raw_tag == Tag.STARTUP_FAILED:
             return StartupFailed(self._decode_exception(call_id, payload))
         if raw_tag == Tag.HELLO:
-            return _decode_hello(payload)
+            return self._decode_hello(payload)
+        if raw_tag in (Tag.GET, Tag.DESCRIBE):
+            try:
+                name = bytes(payload).decode()
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(f"a name that is not UTF-8: {bytes(payload[:32])!r}") from exc
+            return Get(call_id, name) if raw_tag == Tag.GET else Describe(call_id, name)
         if raw_tag == Tag.SHUTDOWN:
             return Shutdown()
         if raw_tag == Tag.OPEN_CHANNEL:
@@ -315,6 +330,25 @@ class Codec:
             raise ProtocolError(f"untrusted peer sent a {what} that is not allowed: {exc}") from exc
         except (Exception, SystemExit) as exc:
             raise UndecodablePayload(call_id, f"{what} could not be unpickled: {exc!r}") from exc
+
+    def _decode_hello(self, payload: memoryview) -> Hello:
+        head = len(HELLO_MAGIC) + _HELLO.size
+        magic = bytes(payload[: len(HELLO_MAGIC)])
+        if magic != HELLO_MAGIC or len(payload) < head:
+            raise ProtocolError(f"peer is not a pipe_rpc peer: hello was {bytes(payload[:32])!r}")
+        version, pid = _HELLO.unpack_from(payload, len(HELLO_MAGIC))
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+            )
+        if len(payload) == head:
+            return Hello(version, pid)
+        try:
+            table = self._loads(0, payload[head:], None, "hello")
+            kinds = {str(name): Kind(kind) for name, kind in table.items()}
+        except (UndecodablePayload, AttributeError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"the peer's table of names is malformed: {exc}") from exc
+        return Hello(version, pid, kinds)
 
     def _decode_exception(self, call_id: int, payload: memoryview) -> BaseException:
         parts = self._loads(call_id, payload, None, "exception")
@@ -377,21 +411,9 @@ class _OutOfBandBytes:
         return value
 
 
-def _decode_hello(payload: memoryview) -> Hello:
-    magic = bytes(payload[: len(HELLO_MAGIC)])
-    if magic != HELLO_MAGIC or len(payload) != len(HELLO_MAGIC) + _HELLO.size:
-        raise ProtocolError(f"peer is not a pipe_rpc peer: hello was {bytes(payload[:32])!r}")
-    version, pid = _HELLO.unpack_from(payload, len(HELLO_MAGIC))
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
-    return Hello(version, pid)
-
-
-def hello() -> Hello:
-    """This process's hello."""
-    return Hello(PROTOCOL_VERSION, os.getpid())
+def hello(kinds: dict[str, Kind] | None = None) -> Hello:
+    """This process's hello (a server's lists the kinds of its service's names)."""
+    return Hello(PROTOCOL_VERSION, os.getpid(), kinds)
 
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"

@@ -51,6 +51,7 @@ pipe that got the same number.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -78,7 +79,7 @@ from ._liveness import (
     register_holder,
     wait_exitcode,
 )
-from ._messages import Channel, OpenChannel, Shutdown
+from ._messages import Channel, Describe, Get, Kind, OpenChannel, Shutdown
 from ._protocol import ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
 from ._transport import (
@@ -222,6 +223,35 @@ class Connection:
             ClientClosedError, ConnectionLostError, WorkerDiedError, ProtocolError:
                 the connection is closed or dead.
         """
+        return self._run(PendingCall(method), timeout, None, args, kwargs)
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the public property or data attribute ``name`` of the service (as ``call``)."""
+        return self._run(PendingCall(name), timeout, functools.partial(Get, name=name))
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service, from the server's hello, or asked once."""
+        peer = self.protocol.peer
+        if peer is None:
+            self.wait_ready()
+            peer = self.protocol.peer
+            assert peer is not None
+        kind = peer.kinds.get(name)
+        if kind is None:
+            asked = self._run(PendingCall(name), None, functools.partial(Describe, name=name))
+            kind = peer.kinds[name] = Kind(asked)
+        return kind
+
+    def _run(
+        self,
+        pending: PendingCall,
+        timeout: float | None,
+        make: Callable[[int], Get | Describe] | None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Register a call (``pending.method(*args, **kwargs)``, or the request ``make``
+        makes), write it on its lane, and wait for its outcome."""
         if self.generation != fork_generation():
             check_owner(self.generation, "client")
         if self.broken is not None:
@@ -230,9 +260,12 @@ class Connection:
         channel = self.lanes.lane(deadline)
         if self.protocol.pending_count:  # another call is in flight: this thread contends
             self.lanes.local.contended = True
-        pending = PendingCall(method)
-        call_id, frame = self.protocol.start(method, args, kwargs, pending)
-        try:
+        call_id = 0
+        try:  # registered inside the try: an interrupt anywhere after ends this call alone
+            if make is None:
+                call_id, frame = self.protocol.start(pending.method, args, kwargs or {}, pending)
+            else:
+                call_id, frame = self.protocol.request(make, pending)
             if channel is None:
                 self._send(frame, deadline)
                 self._wait_pipe(pending, deadline)
@@ -242,17 +275,18 @@ class Connection:
         except WriteTimeout:
             self._end_early(call_id, channel)
             raise CallTimeoutError(
-                f"{method}() timed out after {timeout} s waiting to send"
+                f"{pending.method}() timed out after {timeout} s waiting to send"
             ) from None
-        except BaseException:  # an interrupt, a dying thread: this call alone ends
-            self._end_early(call_id, channel)
+        except BaseException:
+            if call_id:
+                self._end_early(call_id, channel)
             raise
         if not pending.done:  # the deadline passed, or the connection broke
             self._end_early(call_id, channel)
             if not pending.settled():  # it may have been settled as it was abandoned
                 if self.broken is not None:
                     raise fresh_error(self.broken)
-                raise CallTimeoutError(f"{method}() timed out after {timeout} s")
+                raise CallTimeoutError(f"{pending.method}() timed out after {timeout} s")
         return pending.outcome()
 
     def _end_early(self, call_id: int, channel: SideChannel | None) -> None:
@@ -406,18 +440,29 @@ class Connection:
     # -- start, failure and close ---------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
+        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``).
+
+        The read lock is only ever tried for a moment: a leader holding it while it
+        waits for a call (the hello came long ago) must not keep this thread from
+        seeing that the hello is there.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._read_lock:
-            while self.protocol.peer is None and self.broken is None:
-                left = remaining(deadline)
-                if left == 0.0:
-                    raise CallTimeoutError(f"no hello from the server after {timeout} s")
-                try:
-                    self.pipe.read(left)
+        lock = self._read_lock
+        while self.protocol.peer is None and self.broken is None:
+            left = remaining(deadline)
+            if left == 0.0:
+                raise CallTimeoutError(f"no hello from the server after {timeout} s")
+            try:
+                if lock.acquire(True, _RECHECK) and self.protocol.peer is None:
+                    self.pipe.read(_RECHECK if left is None else min(left, _RECHECK))
                     self._hand_out(self.pipe)
-                except _IO_ERRORS as exc:
-                    self._io_failed(exc, self.pipe)
+            except _IO_ERRORS as exc:
+                self._io_failed(exc, self.pipe)
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # this thread did not hold it
+                    pass
         if self.broken is not None:
             raise fresh_error(self.broken)
 

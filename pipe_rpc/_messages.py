@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 #: Bumped whenever the frame layout or a payload shape changes.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: The first bytes of every hello payload, so a peer that is not pipe_rpc is spotted at once.
 HELLO_MAGIC = b"pipe_rpc"
@@ -29,6 +29,26 @@ class Tag(enum.IntEnum):
     SHUTDOWN = 7
     OPEN_CHANNEL = 8
     CHANNEL = 9
+    GET = 10
+    DESCRIBE = 11
+
+
+class Kind(enum.IntEnum):
+    """What a public name of the service is, as the server's hello tells the client.
+
+    The proxy answers each kind as its type says: a method returns its value, an
+    ``async def`` method an awaitable, a generator method an iterator, an async
+    generator method an async iterator; reading a property or a data attribute
+    fetches its value.
+    """
+
+    UNKNOWN = 0  # no such public name (yet)
+    METHOD = 1
+    ASYNC = 2
+    GENERATOR = 3
+    ASYNC_GENERATOR = 4
+    PROPERTY = 5
+    ATTRIBUTE = 6
 
 
 class FailKind(enum.IntEnum):
@@ -65,13 +85,17 @@ class _Record:
 
 
 class Hello(_Record):
-    """The first message each end sends: who speaks, and which protocol version."""
+    """The first message each end sends: who speaks, and which protocol version.
 
-    __slots__ = ("version", "pid")  # noqa: RUF023 (the order of the fields)
+    A server's hello also lists the kind of each public name of its service.
+    """
 
-    def __init__(self, version: int, pid: int) -> None:
+    __slots__ = ("version", "pid", "kinds")  # noqa: RUF023 (the order of the fields)
+
+    def __init__(self, version: int, pid: int, kinds: dict[str, Kind] | None = None) -> None:
         self.version = version
         self.pid = pid
+        self.kinds = kinds or {}
 
 
 class Call(_Record):
@@ -165,4 +189,36 @@ class Channel(_Record):
         self.doorbell = doorbell
 
 
-Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown | OpenChannel | Channel
+class Get(_Record):
+    """Read the public property or data attribute ``name`` of the service."""
+
+    __slots__ = ("call_id", "name")
+
+    def __init__(self, call_id: int, name: str) -> None:
+        self.call_id = call_id
+        self.name = name
+
+
+class Describe(_Record):
+    """Say the ``Kind`` of ``name``, a name the server's hello did not list."""
+
+    __slots__ = ("call_id", "name")
+
+    def __init__(self, call_id: int, name: str) -> None:
+        self.call_id = call_id
+        self.name = name
+
+
+Message = (
+    Hello
+    | Call
+    | Get
+    | Describe
+    | Return
+    | Raise
+    | Fail
+    | StartupFailed
+    | Shutdown
+    | OpenChannel
+    | Channel
+)

@@ -45,7 +45,7 @@ from ._liveness import (
     register_holder,
     wait_readable,
 )
-from ._messages import StartupFailed
+from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
 from ._server import check_max_concurrency, serve
 from ._transport import Transport
@@ -469,18 +469,35 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        if self._generation != fork_generation():
-            check_owner(self._generation, "server")
-        child = self._current()
+        child = self._child_for_call()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
-        except CallTimeoutError:
-            if self._on_timeout == "kill":
-                child.stop(graceful=0)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc)
             raise
-        except ProtocolError:
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (the proxy's way to answer an attribute)."""
+        return self._child_for_call().client.kind(name)
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the service's public property or data attribute ``name`` (via the proxy)."""
+        child = self._child_for_call()
+        try:
+            return child.client.get(name, timeout)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc)
+            raise
+
+    def _child_for_call(self) -> _Child:
+        if self._generation != fork_generation():
+            check_owner(self._generation, "server")
+        return self._current()
+
+    def _failed(self, child: _Child, exc: PipeRPCError) -> None:
+        """A call on ``child`` failed with ``exc``: kill it if that is the policy."""
+        if isinstance(exc, ProtocolError) or self._on_timeout == "kill":
             child.stop(graceful=0)
-            raise
 
     # -- public -------------------------------------------------------------
 

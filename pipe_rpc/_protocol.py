@@ -70,9 +70,12 @@ from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import (
     Call,
     Channel,
+    Describe,
     Fail,
     FailKind,
+    Get,
     Hello,
+    Kind,
     Message,
     OpenChannel,
     Raise,
@@ -143,7 +146,7 @@ class ClientProtocol(Generic[S]):
             raise
 
     def request(
-        self, make: Callable[[int], OpenChannel | Channel], slot: S
+        self, make: Callable[[int], OpenChannel | Channel | Get | Describe], slot: S
     ) -> tuple[int, list[Buffer]]:
         """Register a request to the server machinery itself (``make(call_id)``); return
         its id and frame."""
@@ -253,15 +256,23 @@ class ServerProtocol:
         peer: the client's hello, for a side channel (its hello came on the pipe).
     """
 
-    def __init__(self, codec: Codec | None = None, peer: Hello | None = None) -> None:
+    def __init__(
+        self,
+        codec: Codec | None = None,
+        peer: Hello | None = None,
+        kinds: dict[str, Kind] | None = None,
+    ) -> None:
         self.codec = codec or Codec()
         self.peer = peer
+        self.kinds = kinds
 
     def greeting(self) -> list[Buffer]:
-        """The frame to send before anything else."""
-        return self.codec.encode(hello())
+        """The frame to send before anything else: the hello, with the service's names."""
+        return self.codec.encode(hello(self.kinds))
 
-    def receive(self, body: Body) -> Call | Shutdown | Fail | OpenChannel | Channel | None:
+    def receive(
+        self, body: Body
+    ) -> Call | Get | Describe | Shutdown | Fail | OpenChannel | Channel | None:
         """Take one frame body: a call to run, a request, a ``Fail`` to send back, or nothing.
 
         Raises:
@@ -289,18 +300,19 @@ class ServerProtocol:
                 )
             self.peer = message
             return None
-        if isinstance(message, Call | Shutdown | OpenChannel | Channel):
+        if isinstance(message, Call | Get | Describe | Shutdown | OpenChannel | Channel):
             return message
         raise ProtocolError(f"a server does not accept {type(message).__name__} messages")
 
-    def reply(self, call_id: int, ok: bool, value: Any) -> list[Buffer]:
-        """The frame answering ``call_id``: its result, or the exception it raised.
+    def reply(self, call_id: int, ok: bool, value: Any, method: str = "") -> list[Buffer]:
+        """The frame answering ``call_id`` (a call of ``method``): its result, or the
+        exception it raised.
 
         A result that will not pickle becomes a ``Fail`` naming why.
         """
         if ok:
             try:
-                return self.codec.encode_return(call_id, value)
+                return self.codec.encode_return(call_id, value, method)
             except SerializationError as exc:
                 return self.codec.encode(Fail(call_id, FailKind.SERIALIZATION, str(exc)))
         if isinstance(value, Fail):

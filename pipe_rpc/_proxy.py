@@ -12,6 +12,7 @@ import math
 from typing import Any, Protocol, TypeVar, cast
 
 from ._errors import PipeRPCError
+from ._messages import Kind
 
 T = TypeVar("T")
 
@@ -53,6 +54,14 @@ class Invoker(Protocol):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any: ...
 
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (from the server's hello, or asked once)."""
+        ...
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the service's public property or data attribute ``name``."""
+        ...
+
 
 class _Method:
     """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
@@ -81,8 +90,15 @@ class Proxy:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
-            raise AttributeError(name)
-        method = _Method(self._pipe_rpc_invoker, name, self._pipe_rpc_timeout)
+            raise AttributeError(
+                f"{name!r}: a pipe_rpc proxy serves only the public names of its service "
+                "(no leading underscore)"
+            )
+        invoker = self._pipe_rpc_invoker
+        kind = invoker.kind(name)
+        if kind in _READ:  # a fresh value at each read: one round trip
+            return invoker.get(name, self._pipe_rpc_timeout)
+        method = _Method(invoker, name, self._pipe_rpc_timeout)
         object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
         return method
 
@@ -94,6 +110,10 @@ class Proxy:
 
     _pipe_rpc_invoker: Invoker
     _pipe_rpc_timeout: float | None
+
+
+#: The kinds of names a proxy reads instead of calling.
+_READ = frozenset({Kind.PROPERTY, Kind.ATTRIBUTE})
 
 
 def options(proxy: T, *, timeout: float | None) -> T:

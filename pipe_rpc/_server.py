@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ._errors import MethodNotFoundError, ProtocolError
-from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
+from ._messages import Call, Describe, Fail, FailKind, Get, Kind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
 from ._transport import (
@@ -66,8 +66,12 @@ def _descriptor_budget() -> int | None:
     return soft // 4
 
 
+#: Code flags of the functions whose calls the proxy answers otherwise than with a value.
+_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
+
+
 class Dispatcher:
-    """Finds and runs the public methods of one service object."""
+    """Finds and runs the public methods of one service object, and reads its attributes."""
 
     def __init__(self, service: object) -> None:
         self.service = service
@@ -82,27 +86,61 @@ class Dispatcher:
         method: Callable[..., Any] | None = self._methods.get(name)
         if method is not None:
             return method
-        if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
-            raise MethodNotFoundError(
-                f"{name!r} is not a public method name (no leading underscore, no dots)"
-            )
+        _check_public(name)
         kind = type(self.service).__name__
         static = _static_attribute(self.service, name)
         if isinstance(static, property | staticmethod | classmethod) and not callable(
             getattr(static, "__func__", None)
         ):
-            raise MethodNotFoundError(f"{kind}.{name} is a property, not a method")
+            raise MethodNotFoundError(
+                f"{kind}.{name} is a property, not a method: read it as proxy.{name}"
+            )
         try:
             method = getattr(self.service, name)
         except AttributeError:
             raise MethodNotFoundError(f"{kind} has no method {name!r}") from None
         if not callable(method):
-            raise MethodNotFoundError(f"{kind}.{name} is not callable")
+            raise MethodNotFoundError(f"{kind}.{name} is not callable: read it as proxy.{name}")
         self._methods[name] = method
         return method
 
-    def run(self, call: Call) -> tuple[bool, Any]:
-        """Run one call: ``(True, result)``, ``(False, exception)`` or ``(False, Fail)``."""
+    def kind(self, name: str) -> Kind:
+        """What the public name ``name`` is, found without running a getter."""
+        if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
+            return Kind.UNKNOWN
+        static = _static_attribute(self.service, name)
+        if isinstance(static, property):
+            return Kind.PROPERTY
+        if static is MISSING and not hasattr(type(self.service), "__getattr__"):
+            return Kind.UNKNOWN
+        try:
+            value = getattr(self.service, name) if static is MISSING else static
+        except AttributeError:
+            return Kind.UNKNOWN
+        if not callable(value):
+            return Kind.ATTRIBUTE
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        flags = getattr(code, "co_flags", 0)
+        if flags & _CO_COROUTINE:
+            return Kind.ASYNC
+        if flags & _CO_ASYNC_GENERATOR:
+            return Kind.ASYNC_GENERATOR
+        if flags & _CO_GENERATOR:
+            return Kind.GENERATOR
+        return Kind.METHOD
+
+    def kinds(self) -> dict[str, Kind]:
+        """The kind of every public name of the service, for the server's hello."""
+        names = {n for n in dir(self.service) if not n.startswith("_")}
+        table = {name: self.kind(name) for name in sorted(names)}
+        return {name: kind for name, kind in table.items() if kind is not Kind.UNKNOWN}
+
+    def run(self, call: Call | Get) -> tuple[bool, Any]:
+        """Run one call, or read one attribute: ``(True, result)``, ``(False, exception)``
+        or ``(False, Fail)``."""
+        if type(call) is Get:
+            return self.read(call)
+        assert isinstance(call, Call)
         method = self._methods.get(call.method)
         if method is None:
             try:
@@ -117,9 +155,39 @@ class Dispatcher:
                 exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
             return False, exc
 
+    def read(self, get: Get) -> tuple[bool, Any]:
+        """The value of a public property or data attribute (its getter runs here)."""
+        kind = self.kind(get.name)
+        if kind not in (Kind.PROPERTY, Kind.ATTRIBUTE):
+            what = "not a public name" if kind is Kind.UNKNOWN else "a method"
+            message = f"{type(self.service).__name__}.{get.name} is {what}; only public "
+            message += "properties and data attributes can be read"
+            return False, Fail(get.call_id, FailKind.METHOD_NOT_FOUND, message)
+        try:
+            return True, getattr(self.service, get.name)
+        except BaseException as exc:
+            return False, exc
+
+
+def _check_public(name: object) -> None:
+    """Raise ``MethodNotFoundError`` unless ``name`` may name a public method."""
+    if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
+        raise MethodNotFoundError(
+            f"{name!r} is not served: only public methods of the service can be called "
+            "(no leading underscore, no dots)"
+        )
+
+
+def _name(message: Call | Get) -> str:
+    return message.method if type(message) is Call else message.name  # type: ignore[union-attr]
+
+
+#: What ``_static_attribute`` returns for a name it did not find.
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+
 
 def _static_attribute(obj: object, name: str) -> object:
-    """``obj.name`` as stored, without running a descriptor (``None`` if not found).
+    """``obj.name`` as stored, without running a descriptor (``MISSING`` if not found).
 
     The instance's ``__dict__`` first, then the classes of its MRO, as attribute
     look-up goes for anything that is not a data descriptor. A cheap stand-in for
@@ -136,7 +204,7 @@ def _static_attribute(obj: object, name: str) -> object:
             if isinstance(found, property) or name not in instance_dict:
                 return found
             break
-    return instance_dict.get(name)
+    return instance_dict.get(name, MISSING)
 
 
 def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> None:
@@ -215,7 +283,7 @@ class _Channel:
 class _Loop:
     def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
         self.dispatcher = Dispatcher(service)
-        self.main = _Channel(conn, ServerProtocol())
+        self.main = _Channel(conn, ServerProtocol(kinds=self.dispatcher.kinds()))
         enlarge_buffers(conn)
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels
@@ -279,10 +347,10 @@ class _Loop:
         protocol = channel.protocol
         if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
             message = protocol.receive(bodies[0])
-            if isinstance(message, Call):
+            if isinstance(message, Call | Get):
                 ok, value = self.dispatcher.run(message)
                 # One thread writes when there is no pool: no lock needed.
-                channel.write(protocol.reply(message.call_id, ok, value))
+                channel.write(protocol.reply(message.call_id, ok, value, _name(message)))
                 return True
             if message is None:
                 return True
@@ -296,13 +364,13 @@ class _Loop:
                 message = protocol.receive(body)
                 if message is None:
                     continue
-                if isinstance(message, Call):
+                if isinstance(message, Call | Get):
                     if self.pool is not None:
                         self.pool.submit(self.run_and_reply, channel, message)
                         continue
                     started = time.perf_counter()
                     ok, value = self.dispatcher.run(message)
-                    out += protocol.reply(message.call_id, ok, value)
+                    out += protocol.reply(message.call_id, ok, value, _name(message))
                     del value
                     if time.perf_counter() - started > _FLUSH_AFTER:
                         channel.send(out)
@@ -317,12 +385,14 @@ class _Loop:
         return True
 
     def request(
-        self, channel: _Channel, message: Fail | OpenChannel | ChannelFrame
+        self, channel: _Channel, message: Fail | Describe | OpenChannel | ChannelFrame
     ) -> list[Buffer]:
         """The reply to a frame that is not a call."""
         protocol = channel.protocol
         if isinstance(message, Fail):
             return protocol.reply(message.call_id, False, message)
+        if isinstance(message, Describe):
+            return protocol.reply(message.call_id, True, int(self.dispatcher.kind(message.name)))
         if channel is not self.main:
             raise ProtocolError(f"{type(message).__name__} came on a side channel")
         transport = self.main.transport
@@ -394,9 +464,9 @@ class _Loop:
         if not self.side:
             self.poller = None
 
-    def run_and_reply(self, channel: _Channel, call: Call) -> None:
+    def run_and_reply(self, channel: _Channel, call: Call | Get) -> None:
         ok, value = self.dispatcher.run(call)
-        frame = channel.protocol.reply(call.call_id, ok, value)
+        frame = channel.protocol.reply(call.call_id, ok, value, _name(call))
         del value
         try:
             channel.send(frame)

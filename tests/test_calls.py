@@ -100,10 +100,24 @@ def test_unknown_and_private_methods(server: pipe_rpc.Server[CalcService]) -> No
     with pytest.raises(pipe_rpc.MethodNotFoundError):
         server.proxy.nope()  # type: ignore[attr-defined]
     assert not hasattr(server.proxy, "_anything")  # answered locally
-    for name in ["a.b", "counter", "prop", "nope"]:
+    for name in ["a.b", "nope"]:
         with pytest.raises(pipe_rpc.MethodNotFoundError):
             getattr(server.proxy, name)()
     assert server.proxy.add(3, 3) == 6
+
+
+def test_properties_and_attributes_are_read_not_called(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    """Reading a public property or data attribute through a proxy fetches its value;
+    calling it by name is still ``MethodNotFoundError``; assigning is refused."""
+    client = server._handle.child.client  # type: ignore[union-attr]
+    for name in ["counter", "prop"]:
+        with pytest.raises(pipe_rpc.MethodNotFoundError, match="read it as proxy"):
+            client.call(name)
+    assert server.proxy.counter == 0  # (reading prop would run its getter, which fails)
+    with pytest.raises(AttributeError):
+        server.proxy.counter = 5
 
 
 def test_underscore_names_are_refused_by_the_server_too() -> None:
