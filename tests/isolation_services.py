@@ -292,3 +292,35 @@ def fake_server(conn: Connection, replies: list[bytes | tuple[int, bytes]]) -> N
     with contextlib.suppress(EOFError, OSError):
         while True:
             conn.recv_bytes()
+
+
+# -- replies that are small but costly to hash -----------------------------------------
+
+#: Every int ``k * HASH_MODULUS`` hashes to 0.
+HASH_MODULUS = 2**61 - 1
+
+
+def shared_tuple_set(depth: int) -> bytes:
+    """A pickle of ``{t}``, where ``t = (u, u)``, ``u = (v, v)`` ... ``depth`` levels down to
+    ``()``: each level is the one below twice (through the memo), so hashing ``t`` visits
+    ``2**depth`` leaves, from a pickle of about ``4 * depth`` bytes."""
+    body = b"\x80\x04\x8f(" + b")"  # EMPTY_SET, MARK, EMPTY_TUPLE
+    for level in range(depth):
+        # MEMOIZE the top as ``level``, BINGET it back, TUPLE2: (top, top)
+        body += b"\x94h" + bytes([level]) + b"\x86"
+    return body + b"\x90."  # ADDITEMS, STOP
+
+
+def colliding_int_keys(count: int) -> bytes:
+    """A pickle of a dict with ``count`` int keys that all hash to 0.
+
+    Written by hand: building the dict to pickle it would take the quadratic time itself.
+    """
+    body = [b"\x80\x04}"]  # EMPTY_DICT
+    for start in range(1, count + 1, 1000):
+        body.append(b"(")  # MARK
+        for k in range(start, min(start + 1000, count + 1)):
+            key = (k * HASH_MODULUS).to_bytes(12, "little", signed=True)
+            body.append(b"\x8a\x0c" + key + b"N")  # LONG1 key, NONE value
+        body.append(b"u")  # SETITEMS
+    return b"".join(body) + b"."
