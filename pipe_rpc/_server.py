@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -112,10 +113,40 @@ class Dispatcher:
         try:
             return True, method(*call.args, **call.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt go back to the caller too
-            tb = exc.__traceback__
-            if tb is not None and tb.tb_next is not None:
-                exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                # Drop this frame from the remote traceback. Not through a local: this
+                # frame holding the traceback that holds this frame would be a cycle.
+                exc.__traceback__ = exc.__traceback__.tb_next
             return False, exc
+
+
+def forget(error: object) -> None:
+    """Let go of what a raised ``error`` keeps alive, once its reply is encoded (a
+    result is left alone, even an exception: the service may still use it).
+
+    Its traceback holds the frames of the call, and they hold its locals (a big
+    buffer, say) until the cyclic collector runs if there is a cycle among them,
+    which there often is (a frame holding the exception it caught). Clearing the
+    frames' locals and unlinking the tracebacks, also of the exceptions chained
+    to it or grouped in it, frees them at once. A service that keeps the exception
+    it raised keeps it without its traceback.
+    """
+    if not isinstance(error, BaseException):
+        return
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        linked = (exc.__cause__, exc.__context__)
+        exc.__cause__ = exc.__context__ = None
+        pending.extend(e for e in linked if e is not None)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
 
 
 def _static_attribute(obj: object, name: str) -> object:
@@ -280,8 +311,13 @@ class _Loop:
             message = protocol.receive(bodies[0])
             if isinstance(message, Call):
                 ok, value = self.dispatcher.run(message)
+                try:
+                    frame = protocol.reply(message.call_id, ok, value)
+                finally:
+                    if not ok:
+                        forget(value)
                 # One thread writes when there is no pool: no lock needed.
-                channel.write(protocol.reply(message.call_id, ok, value))
+                channel.write(frame)
                 return True
             if message is None:
                 return True
@@ -301,7 +337,11 @@ class _Loop:
                         continue
                     started = time.perf_counter()
                     ok, value = self.dispatcher.run(message)
-                    out += protocol.reply(message.call_id, ok, value)
+                    try:
+                        out += protocol.reply(message.call_id, ok, value)
+                    finally:
+                        if not ok:
+                            forget(value)
                     del value
                     if time.perf_counter() - started > _FLUSH_AFTER:
                         channel.send(out)
@@ -395,7 +435,11 @@ class _Loop:
 
     def run_and_reply(self, channel: _Channel, call: Call) -> None:
         ok, value = self.dispatcher.run(call)
-        frame = channel.protocol.reply(call.call_id, ok, value)
+        try:
+            frame = channel.protocol.reply(call.call_id, ok, value)
+        finally:
+            if not ok:
+                forget(value)
         del value
         try:
             channel.send(frame)

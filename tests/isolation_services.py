@@ -36,6 +36,15 @@ def _no_core_dumps() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def resident_bytes(pid: int) -> int:
+    """The resident memory of process ``pid``, from ``/proc/<pid>/status``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS line for process {pid}")
+
+
 class Victim:
     """A service that misbehaves on request: runaway loops, hangs, memory and fd bombs."""
 
@@ -82,6 +91,16 @@ class Victim:
 
     def allocate(self, nbytes: int) -> int:
         return len(bytearray(nbytes))
+
+    def fail_holding(self, nbytes: int) -> None:
+        """Raise while a local holds ``nbytes`` of memory that has been written to."""
+        buffer = bytearray(nbytes)
+        buffer[:: 1 << 12] = b"x" * len(range(0, nbytes, 1 << 12))  # touch every page
+        raise ValueError(f"failed holding {len(buffer)} bytes")
+
+    def resident_bytes(self) -> int:
+        """This process's resident memory (``VmRSS``)."""
+        return resident_bytes(os.getpid())
 
     def exhaust_memory(self) -> int:
         """Fill the address space down to the last few bytes and keep it full."""
