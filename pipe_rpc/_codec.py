@@ -103,7 +103,11 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         data = pickle.dumps(obj, 5, buffer_callback=callback)
         if not _names_main(data):
             return data
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except (
+        BaseException
+    ):  # a __reduce__ may raise anything: GeneratorExit, a BaseException of its own
         pass
     if buffers is not None:
         buffers.clear()
@@ -111,7 +115,9 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
 
     try:
         return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
 
 
@@ -558,15 +564,21 @@ def _exception_payload(error: BaseException) -> bytes:
     except BaseException:
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
+    # Pickling and unpickling run the error's own code, which may raise any BaseException
+    # (GeneratorExit, say); only an interrupt of this process is not the error's failure.
     try:
         blob = dumps(error, what="exception")
         if not _plain_builtin(error):
             pickle.loads(blob)  # rebuildable here, so most likely in the caller too
         form = _FORM_PICKLE
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         try:
             blob = dumps((cls, error.args, dict(vars(error))), what="exception")
             form = _FORM_PARTS
-        except (Exception, SystemExit):
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
             blob = None
     return pickle.dumps((type_name, message, tb, form, blob), 5)

@@ -120,6 +120,24 @@ class Dispatcher:
             return False, exc
 
 
+def reply(protocol: ServerProtocol, call: Call, ok: bool, value: Any) -> list[Buffer]:
+    """The frame answering ``call``; a result or exception that fails to pickle in any
+    way is a serialization failure of this call alone.
+
+    Pickling runs the value's own code (``__reduce__``), which may raise any
+    ``BaseException``; the encoder turns an ``Exception`` into a ``Fail``
+    already. Only ``KeyboardInterrupt`` ends the server.
+    """
+    try:
+        return protocol.reply(call.call_id, ok, value)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        what = "result" if ok else "exception"
+        message = f"the {what} of {call.method}() could not be pickled: {exc!r}"
+        return protocol.codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, message))
+
+
 def forget(error: object) -> None:
     """Let go of what a raised ``error`` keeps alive, once its reply is encoded (a
     result is left alone, even an exception: the service may still use it).
@@ -312,7 +330,7 @@ class _Loop:
             if isinstance(message, Call):
                 ok, value = self.dispatcher.run(message)
                 try:
-                    frame = protocol.reply(message.call_id, ok, value)
+                    frame = reply(protocol, message, ok, value)
                 finally:
                     if not ok:
                         forget(value)
@@ -338,7 +356,7 @@ class _Loop:
                     started = time.perf_counter()
                     ok, value = self.dispatcher.run(message)
                     try:
-                        out += protocol.reply(message.call_id, ok, value)
+                        out += reply(protocol, message, ok, value)
                     finally:
                         if not ok:
                             forget(value)
@@ -436,7 +454,7 @@ class _Loop:
     def run_and_reply(self, channel: _Channel, call: Call) -> None:
         ok, value = self.dispatcher.run(call)
         try:
-            frame = channel.protocol.reply(call.call_id, ok, value)
+            frame = reply(channel.protocol, call, ok, value)
         finally:
             if not ok:
                 forget(value)
