@@ -34,7 +34,7 @@ import reprlib
 import struct
 import traceback
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
 from ._messages import (
@@ -53,6 +53,9 @@ from ._messages import (
     StartupFailed,
     Tag,
 )
+
+if TYPE_CHECKING:
+    from ._by_reference import ByReference
 
 # cloudpickle and the restricted unpickler are imported when first needed: a child
 # started by spawn or forkserver imports this module, and every millisecond of
@@ -210,14 +213,25 @@ class Codec:
 
     Args:
         untrusted: decode every payload with the restricted unpickler.
-        allowed_types: with ``untrusted``, the extra types a payload may build.
+        allowed_types: with ``untrusted``, the extra types a payload may build; with
+            ``by_reference``, the types the peer allows.
+        by_reference: the peer decodes what this side sends with the restricted
+            unpickler (it started us with ``untrusted=True``): replies are pickled
+            with every global by name, and only allowed ones (see
+            ``encode_reply_by_reference``).
     """
 
-    def __init__(self, *, untrusted: bool = False, allowed_types: Iterable[type] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        untrusted: bool = False,
+        allowed_types: Iterable[type] = (),
+        by_reference: bool = False,
+    ) -> None:
         self.untrusted = untrusted
         self._allowed: Mapping[tuple[str, str], object] = {}
         self._allowed_errors: Mapping[tuple[str, str], object] = {}
-        if untrusted:
+        if untrusted or by_reference:
             from ._untrusted import allowed_globals
 
             self._allowed = allowed_globals(allowed_types)
@@ -225,6 +239,13 @@ class Codec:
                 **self._allowed,
                 **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
             }
+        self.by_reference: ByReference | None = None
+        self._errors_by_reference: ByReference | None = None
+        if by_reference:
+            from ._by_reference import ByReference
+
+            self.by_reference = ByReference(self._allowed)
+            self._errors_by_reference = ByReference(self._allowed_errors)
 
     # -- encoding ---------------------------------------------------------
 
@@ -289,6 +310,29 @@ class Codec:
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
             return _in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
         return _fast_frame(RETURN, call_id, value, "result", "")
+
+    def encode_reply_by_reference(
+        self, call_id: int, ok: bool, value: object, method: str
+    ) -> list[Buffer]:
+        """The reply to ``method``: its result, or the exception it raised, for a peer
+        that decodes it with the restricted unpickler (``by_reference``).
+
+        Every global in it is written by name (a class of the parent's script as
+        ``__main__``), never by value, and in band.
+
+        Raises:
+            SerializationError: the result holds a type the peer does not allow (the
+                message names it, and ``method``), or it would not pickle. An exception
+                that cannot be sent so is sent by name, message and traceback alone.
+        """
+        if self.by_reference is None:
+            raise ValueError("this codec does not pickle by reference")
+        if ok:
+            payload = self.by_reference.dumps(value, what=f"the result of {method}()")
+            return _in_band_frame(RETURN, call_id, payload)
+        error = cast(BaseException, value)
+        payload = _exception_payload(error, self._errors_by_reference)
+        return _in_band_frame(int(Tag.RAISE), call_id, payload)
 
     # -- decoding ---------------------------------------------------------
 
@@ -551,8 +595,12 @@ def _plain_builtin(error: BaseException) -> bool:
     )
 
 
-def _exception_payload(error: BaseException) -> bytes:
-    """Everything the caller needs to rebuild ``error``, as plain data."""
+def _exception_payload(error: BaseException, by_reference: ByReference | None = None) -> bytes:
+    """Everything the caller needs to rebuild ``error``, as plain data.
+
+    ``by_reference``: the caller decodes with the restricted unpickler, which
+    rebuilds only an exception pickled whole from allowed globals.
+    """
     cls = type(error)
     type_name = f"{cls.__module__}.{cls.__qualname__}"
     try:
@@ -564,6 +612,12 @@ def _exception_payload(error: BaseException) -> bytes:
     except BaseException:
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
+    if by_reference is not None:
+        try:
+            blob, form = by_reference.dumps(error, what="exception"), _FORM_PICKLE
+        except SerializationError:
+            pass
+        return pickle.dumps((type_name, message, tb, form, blob), 5)
     # Pickling and unpickling run the error's own code, which may raise any BaseException
     # (GeneratorExit, say); only an interrupt of this process is not the error's failure.
     try:

@@ -19,12 +19,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._codec import Body, Buffer
-from ._errors import MethodNotFoundError, ProtocolError
+from ._codec import Body, Buffer, Codec
+from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
@@ -128,8 +128,13 @@ def reply(protocol: ServerProtocol, call: Call, ok: bool, value: Any) -> list[Bu
     ``BaseException``; the encoder turns an ``Exception`` into a ``Fail``
     already. Only ``KeyboardInterrupt`` ends the server.
     """
+    codec = protocol.codec
     try:
+        if codec.by_reference is not None and not isinstance(value, Fail):
+            return codec.encode_reply_by_reference(call.call_id, ok, value, call.method)
         return protocol.reply(call.call_id, ok, value)
+    except SerializationError as exc:
+        return codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, str(exc)))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
@@ -188,20 +193,33 @@ def _static_attribute(obj: object, name: str) -> object:
     return instance_dict.get(name)
 
 
-def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> None:
+def serve(
+    service: object,
+    conn: Connection,
+    *,
+    max_concurrency: int = 1,
+    untrusted: bool = False,
+    allowed_types: Iterable[type] = (),
+) -> None:
     """Serve ``service`` on ``conn`` until the peer closes or asks to stop.
 
     Args:
         service: the object whose public methods may be called.
         conn: this side of a duplex ``multiprocessing.Pipe``.
         max_concurrency: how many calls may run at once (threads); 1 runs them in order.
+        untrusted: the peer does not trust this process (its ``Client`` has
+            ``untrusted=True``): replies name every class by reference, never by
+            value, and a result holding a type outside ``allowed_types`` fails its
+            call with ``SerializationError`` instead of being sent.
+        allowed_types: the peer's ``allowed_types``.
 
     Raises:
         ValueError: ``max_concurrency`` is not a positive integer.
         ProtocolError: the peer broke the wire protocol.
     """
     check_max_concurrency(max_concurrency)
-    _Loop(service, conn, max_concurrency).run()
+    codec = Codec(by_reference=True, allowed_types=allowed_types) if untrusted else Codec()
+    _Loop(service, conn, max_concurrency, codec).run()
 
 
 def check_max_concurrency(max_concurrency: int) -> None:
@@ -262,9 +280,11 @@ class _Channel:
 
 
 class _Loop:
-    def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
+    def __init__(
+        self, service: object, conn: Connection, max_concurrency: int, codec: Codec
+    ) -> None:
         self.dispatcher = Dispatcher(service)
-        self.main = _Channel(conn, ServerProtocol())
+        self.main = _Channel(conn, ServerProtocol(codec))
         enlarge_buffers(conn)
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels

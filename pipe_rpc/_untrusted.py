@@ -112,6 +112,7 @@ import _compat_pickle
 import contextvars
 import copyreg
 import encodings.raw_unicode_escape  # noqa: F401 - else a protocol 0 UNICODE opcode imports it
+import enum
 import io
 import pickle
 import reprlib
@@ -225,6 +226,75 @@ class _Latin1Encode(_GuardedCallable):
         raise self._refuse(args)
 
 
+class _BoundedConstructor(_GuardedCallable):
+    """An allowed class whose constructor does more than linear work on big arguments
+    (``Fraction`` takes a gcd, ``Decimal`` converts an int): only ``str`` and ``int``
+    arguments of a bounded size, as its pickle has them."""
+
+    __slots__ = ("_target",)
+    _target: Any
+
+    def __init__(self, target: type) -> None:
+        object.__setattr__(self, "_target", target)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self._target.__module__}.{self._target.__qualname__}"
+
+    def __call__(self, *args: object) -> Any:
+        if not 1 <= len(args) <= 2 or not all(_small_number(arg) for arg in args):
+            raise self._refuse(args)
+        return self._target(*args)
+
+
+def _small_number(value: object) -> bool:
+    if type(value) is int:
+        return value.bit_length() <= _MOST_NUMBER_BITS
+    return type(value) is str and len(value) <= _MOST_NUMBER_CHARACTERS
+
+
+#: Bounds on the arguments of ``_BoundedConstructor``: far above what real values need.
+_MOST_NUMBER_BITS: Final = 1 << 17
+_MOST_NUMBER_CHARACTERS: Final = 1 << 15
+
+
+class _EnumMember(_GuardedCallable):
+    """An allowed ``Enum`` class: ``cls(value)`` looks the value up by hash, so its hash
+    must be cheap (see ``_hash_budget``)."""
+
+    __slots__ = ("_target",)
+    _target: Any
+
+    def __init__(self, target: type) -> None:
+        object.__setattr__(self, "_target", target)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self._target.__module__}.{self._target.__qualname__}"
+
+    def __call__(self, *args: object) -> Any:
+        if len(args) != 1:
+            raise self._refuse(args)
+        budget = HashBudget(budget_for(0))
+        try:
+            budget.spend(budget.cost(args[0]), f"the value of a {self.name} member")
+        except HashCostError as exc:
+            raise UntrustedDataError(f"untrusted data is too costly to decode: {exc}") from exc
+        return self._target(args[0])
+
+
+def _guarded_constructor(cls: type) -> _GuardedCallable | None:
+    """The stand-in for an allowed class whose constructor needs its arguments bounded."""
+    if isinstance(cls, enum.EnumMeta):
+        return _EnumMember(cls)
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if (fractions is not None and cls is fractions.Fraction) or (
+        decimal is not None and cls is decimal.Decimal
+    ):
+        return _BoundedConstructor(cls)
+    return None
+
+
 # -- stand-ins for allowed classes that could be changed -------------------
 
 _IMMUTABLE_TYPE: Final = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE (3.10+): attributes cannot be set
@@ -335,7 +405,9 @@ def allowed_globals(allowed_types: Iterable[type] = ()) -> Mapping[tuple[str, st
         key = (module, qualname)
         if key in _PLAIN_GLOBALS:
             raise ValueError(f"allowed type {cls!r} has the reserved name {module}.{qualname}")
-        obj = cls if cls.__flags__ & _IMMUTABLE_TYPE else _stand_in(cls)
+        obj = _guarded_constructor(cls) or (
+            cls if cls.__flags__ & _IMMUTABLE_TYPE else _stand_in(cls)
+        )
         table[key] = obj
         table.setdefault(_protocol2_name(module, qualname), obj)
     return MappingProxyType(table)

@@ -256,20 +256,32 @@ class Hostile:
     def raise_system_gadget(self, command: str) -> None:
         raise SystemError_(command)
 
-    def system_gadget(self, command: str) -> SystemGadget:
-        return SystemGadget(command)
+    # The replies below are pickled as a trusted child pickles its results, sent by hand:
+    # a child that knows its parent is untrusting refuses to send them itself.
 
-    def import_gadget(self, module: str) -> ImportGadget:
-        return ImportGadget(module)
+    def point_by_pickle(self, x: int, y: int) -> None:
+        self._reply_pickled(Point(x, y))
 
-    def getattr_gadget(self) -> GetattrGadget:
-        return GetattrGadget()
+    def system_gadget(self, command: str) -> None:
+        self._reply_pickled(SystemGadget(command))
 
-    def unknown_module_object(self) -> object:
+    def import_gadget(self, module: str) -> None:
+        self._reply_pickled(ImportGadget(module))
+
+    def getattr_gadget(self) -> None:
+        self._reply_pickled(GetattrGadget())
+
+    def unknown_module_object(self) -> None:
         """An instance of a class from a module only this child has imported."""
         from tests.untrusted_only_module import Thing
 
-        return Thing(1)
+        self._reply_pickled(Thing(1))
+
+    def _reply_pickled(self, value: object) -> None:
+        """Answer this call with ``value`` pickled as a trusted child pickles a result."""
+        from pipe_rpc._codec import dumps
+
+        self.send_reply(int(Tag.RETURN), dumps(value, what="result"))
 
     def make_bytes(self, size: int) -> bytes:
         return bytes(size)

@@ -197,7 +197,11 @@ def test_a_type_not_allowed_is_a_protocol_error(tmp_path: Path) -> None:
     server = _spawn()
     try:
         assert_rejected(
-            server, lambda h: h.point(3, 4), tmp_path, name="type-not-allowed", match="Point"
+            server,
+            lambda h: h.point_by_pickle(3, 4),
+            tmp_path,
+            name="type-not-allowed",
+            match="Point",
         )
     finally:
         server.close()
