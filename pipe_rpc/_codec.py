@@ -543,13 +543,29 @@ def format_traceback(error: BaseException) -> str:
             parts.append("Traceback (most recent call last):\n")
             for frame, lineno in traceback.walk_tb(exc.__traceback__):
                 code = frame.f_code
-                parts.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
-                line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+                filename = _real_filename(code.co_filename, frame.f_globals)
+                parts.append(f'  File "{filename}", line {lineno}, in {code.co_name}\n')
+                line = linecache.getline(filename, lineno, frame.f_globals).strip()
                 if line:
                     parts.append(f"    {line}\n")
         parts.extend(_format_exception_only(exc))
         parts.append(link)
     return "".join(parts)
+
+
+#: The file name cloudpickle gives every code object it sends by value (a function or
+#: class of the main script, a lambda): it keeps its line numbers, not its file.
+_BY_VALUE_FILENAME = "<dynamic-code>"
+
+
+def _real_filename(filename: str, frame_globals: dict[str, Any]) -> str:
+    """The file that code sent by value came from: the ``__file__`` of its module's
+    globals, which cloudpickle sends along with the code."""
+    if filename == _BY_VALUE_FILENAME:
+        module_file = frame_globals.get("__file__")
+        if isinstance(module_file, str):
+            return module_file
+    return filename
 
 
 #: Exceptions whose last line the standard library builds itself: a SyntaxError shows the
