@@ -18,7 +18,8 @@ Only plain data: ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
 ``frozenset``, nested in any way (recursive lists and dicts included), plus
 instances of the classes the caller passes to :func:`allowed_globals`.
 
-It is the C ``pickle.Unpickler`` with ``find_class`` replaced by a lookup in
+It is the C ``pickle.Unpickler`` (or, for data that could hash keys, the
+Python one: see "Resource limits") with ``find_class`` replaced by a lookup in
 an exact table of ``(module, qualname) -> object`` (:func:`allowed_globals`).
 Every opcode that names a global goes through ``find_class``: ``GLOBAL``,
 ``STACK_GLOBAL``, ``INST`` and the extension-registry opcodes
@@ -70,6 +71,13 @@ and cannot be changed. Otherwise a pickle could push the class and apply
 parent, for every later use. Likewise ``APPEND`` on the class would call a
 class attribute named ``append``. The cost is that a pickle of the class
 object itself (not an instance) decodes to the stand-in.
+
+Three kinds of class resolve to a guard that takes only the arguments their
+pickle has, because their constructor would do more than linear work on
+others: an ``enum.Enum`` class (a member is looked up by the hash of its
+value, which is priced first, see below), ``fractions.Fraction`` (a gcd) and
+``decimal.Decimal`` (converting a huge int), which take ``str`` and ``int``
+arguments of a bounded size only.
 
 Resource limits
 ===============
