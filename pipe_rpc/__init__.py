@@ -22,8 +22,9 @@ from ._server import serve
 
 if _typing.TYPE_CHECKING:
     from ._limits import Limits
+    from ._safe_types import SAFE_TYPES
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "CallTimeoutError",
     "Client",
     "ClientClosedError",
@@ -34,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "SAFE_TYPES",
     "SerializationError",
     "Server",
     "StartupError",
@@ -51,6 +53,10 @@ def __getattr__(name: str) -> object:
         from ._limits import Limits
 
         return Limits
+    if name == "SAFE_TYPES":  # imports pathlib, decimal and more: only for untrusted children
+        from ._safe_types import SAFE_TYPES
+
+        return SAFE_TYPES
     raise AttributeError(f"module 'pipe_rpc' has no attribute {name!r}")
 
 

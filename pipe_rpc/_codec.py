@@ -32,7 +32,7 @@ import reprlib
 import struct
 import traceback
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
 from ._messages import (
@@ -65,6 +65,9 @@ from ._wire import (
     in_band_frame,
     split_out_of_band,
 )
+
+if TYPE_CHECKING:
+    from ._by_reference import ByReference
 
 # cloudpickle and the restricted unpickler are imported when first needed: a child
 # started by spawn or forkserver imports this module, and every millisecond of
@@ -99,7 +102,11 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         data = pickle.dumps(obj, 5, buffer_callback=callback)
         if not _names_main(data):
             return data
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except (
+        BaseException
+    ):  # a __reduce__ may raise anything: GeneratorExit, a BaseException of its own
         pass
     if buffers is not None:
         buffers.clear()
@@ -107,7 +114,9 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
 
     try:
         return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
 
 
@@ -134,7 +143,9 @@ def _fast_frame(
     buffers: list[pickle.PickleBuffer] = []
     try:
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # a __reduce__ may raise anything: dumps() below reports it
         payload = b"__main__"  # take the full path below
     size = len(payload) + BODY_HEAD_SIZE
     if size <= MAIN_SCAN_LIMIT and not buffers and payload.find(b"__main__") < 0:
@@ -160,14 +171,25 @@ class Codec:
 
     Args:
         untrusted: decode every payload with the restricted unpickler.
-        allowed_types: with ``untrusted``, the extra types a payload may build.
+        allowed_types: with ``untrusted``, the extra types a payload may build; with
+            ``by_reference``, the types the peer allows.
+        by_reference: the peer decodes what this side sends with the restricted
+            unpickler (it started us with ``untrusted=True``): replies are pickled
+            with every global by name, and only allowed ones (see
+            ``encode_reply_by_reference``).
     """
 
-    def __init__(self, *, untrusted: bool = False, allowed_types: Iterable[type] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        untrusted: bool = False,
+        allowed_types: Iterable[type] = (),
+        by_reference: bool = False,
+    ) -> None:
         self.untrusted = untrusted
         self._allowed: Mapping[tuple[str, str], object] = {}
         self._allowed_errors: Mapping[tuple[str, str], object] = {}
-        if untrusted:
+        if untrusted or by_reference:
             from ._untrusted import allowed_globals
 
             self._allowed = allowed_globals(allowed_types)
@@ -175,6 +197,13 @@ class Codec:
                 **self._allowed,
                 **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
             }
+        self.by_reference: ByReference | None = None
+        self._errors_by_reference: ByReference | None = None
+        if by_reference:
+            from ._by_reference import ByReference
+
+            self.by_reference = ByReference(self._allowed)
+            self._errors_by_reference = ByReference(self._allowed_errors)
 
     # -- encoding ---------------------------------------------------------
 
@@ -245,6 +274,29 @@ class Codec:
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
             return in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
         return _fast_frame(RETURN, call_id, value, what, method)
+
+    def encode_reply_by_reference(
+        self, call_id: int, ok: bool, value: object, method: str
+    ) -> list[Buffer]:
+        """The reply to ``method``: its result, or the exception it raised, for a peer
+        that decodes it with the restricted unpickler (``by_reference``).
+
+        Every global in it is written by name (a class of the parent's script as
+        ``__main__``), never by value, and in band.
+
+        Raises:
+            SerializationError: the result holds a type the peer does not allow (the
+                message names it, and ``method``), or it would not pickle. An exception
+                that cannot be sent so is sent by name, message and traceback alone.
+        """
+        if self.by_reference is None:
+            raise ValueError("this codec does not pickle by reference")
+        if ok:
+            payload = self.by_reference.dumps(value, what=f"the result of {method}()")
+            return in_band_frame(RETURN, call_id, payload)
+        error = cast(BaseException, value)
+        payload = _exception_payload(error, self._errors_by_reference)
+        return in_band_frame(int(Tag.RAISE), call_id, payload)
 
     # -- decoding ---------------------------------------------------------
 
@@ -448,13 +500,29 @@ def format_traceback(error: BaseException) -> str:
             parts.append("Traceback (most recent call last):\n")
             for frame, lineno in traceback.walk_tb(exc.__traceback__):
                 code = frame.f_code
-                parts.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
-                line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+                filename = _real_filename(code.co_filename, frame.f_globals)
+                parts.append(f'  File "{filename}", line {lineno}, in {code.co_name}\n')
+                line = linecache.getline(filename, lineno, frame.f_globals).strip()
                 if line:
                     parts.append(f"    {line}\n")
         parts.extend(_format_exception_only(exc))
         parts.append(link)
     return "".join(parts)
+
+
+#: The file name cloudpickle gives every code object it sends by value (a function or
+#: class of the main script, a lambda): it keeps its line numbers, not its file.
+_BY_VALUE_FILENAME = "<dynamic-code>"
+
+
+def _real_filename(filename: str, frame_globals: dict[str, Any]) -> str:
+    """The file that code sent by value came from: the ``__file__`` of its module's
+    globals, which cloudpickle sends along with the code."""
+    if filename == _BY_VALUE_FILENAME:
+        module_file = frame_globals.get("__file__")
+        if isinstance(module_file, str):
+            return module_file
+    return filename
 
 
 #: Exceptions whose last line the standard library builds itself: a SyntaxError shows the
@@ -500,8 +568,12 @@ def _plain_builtin(error: BaseException) -> bool:
     )
 
 
-def _exception_payload(error: BaseException) -> bytes:
-    """Everything the caller needs to rebuild ``error``, as plain data."""
+def _exception_payload(error: BaseException, by_reference: ByReference | None = None) -> bytes:
+    """Everything the caller needs to rebuild ``error``, as plain data.
+
+    ``by_reference``: the caller decodes with the restricted unpickler, which
+    rebuilds only an exception pickled whole from allowed globals.
+    """
     cls = type(error)
     type_name = f"{cls.__module__}.{cls.__qualname__}"
     try:
@@ -513,15 +585,27 @@ def _exception_payload(error: BaseException) -> bytes:
     except BaseException:
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
+    if by_reference is not None:
+        try:
+            blob, form = by_reference.dumps(error, what="exception"), _FORM_PICKLE
+        except SerializationError:
+            pass
+        return pickle.dumps((type_name, message, tb, form, blob), 5)
+    # Pickling and unpickling run the error's own code, which may raise any BaseException
+    # (GeneratorExit, say); only an interrupt of this process is not the error's failure.
     try:
         blob = dumps(error, what="exception")
         if not _plain_builtin(error):
             pickle.loads(blob)  # rebuildable here, so most likely in the caller too
         form = _FORM_PICKLE
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         try:
             blob = dumps((cls, error.args, dict(vars(error))), what="exception")
             form = _FORM_PARTS
-        except (Exception, SystemExit):
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
             blob = None
     return pickle.dumps((type_name, message, tb, form, blob), 5)

@@ -47,6 +47,7 @@ from ._liveness import (
 )
 from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
+from ._scripts import main_for_children
 from ._server import check_max_concurrency, serve
 from ._transport import Transport
 
@@ -95,6 +96,8 @@ def _child_main(
     parent_pid: int,
     limits: Limits | None,
     max_concurrency: int,
+    untrusted: bool = False,
+    allowed_blob: bytes | None = None,
 ) -> None:
     """The child process: set up isolation, build the service, serve it."""
     with contextlib.suppress(OSError):
@@ -115,7 +118,14 @@ def _child_main(
             transport.write(Codec().encode(StartupFailed(exc)))
         conn.close()
         sys.exit(1)
-    serve(service, conn, max_concurrency=max_concurrency)
+    allowed_types = () if allowed_blob is None else pickle.loads(allowed_blob)
+    serve(
+        service,
+        conn,
+        max_concurrency=max_concurrency,
+        untrusted=untrusted,
+        allowed_types=allowed_types,
+    )
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -375,6 +385,8 @@ class Server(Generic[T]):
 
         try:
             self._factory_blob = cloudpickle.dumps(factory, 5)
+            # Cloudpickled, so that classes of a script read from stdin reach the child too.
+            self._allowed_blob = cloudpickle.dumps(self._allowed_types, 5)
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
         self._generation = fork_generation()
@@ -392,12 +404,21 @@ class Server(Generic[T]):
         _PARENT_ENDS.add(parent_end)
         process = self._context.Process(
             target=_child_main,
-            args=(child_end, self._factory_blob, os.getpid(), self._limits, self._max_concurrency),
+            args=(
+                child_end,
+                self._factory_blob,
+                os.getpid(),
+                self._limits,
+                self._max_concurrency,
+                self._untrusted,
+                self._allowed_blob,
+            ),
             name=self._name or "pipe_rpc-server",
             daemon=False,
         )
         try:
-            process.start()
+            with main_for_children(self._method):
+                process.start()
         finally:
             child_end.close()
         guarded = _GuardedProcess(process)

@@ -18,11 +18,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._errors import MethodNotFoundError, ProtocolError
+from ._codec import Codec
+from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Describe, Fail, FailKind, Get, Kind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
@@ -150,9 +152,10 @@ class Dispatcher:
         try:
             return True, method(*call.args, **call.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt go back to the caller too
-            tb = exc.__traceback__
-            if tb is not None and tb.tb_next is not None:
-                exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                # Drop this frame from the remote traceback. Not through a local: this
+                # frame holding the traceback that holds this frame would be a cycle.
+                exc.__traceback__ = exc.__traceback__.tb_next
             return False, exc
 
     def read(self, get: Get) -> tuple[bool, Any]:
@@ -186,6 +189,59 @@ def _name(message: Call | Get) -> str:
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 
 
+def reply(protocol: ServerProtocol, call: Call | Get, ok: bool, value: Any) -> list[Buffer]:
+    """The frame answering ``call``; a result or exception that fails to pickle in any
+    way is a serialization failure of this call alone.
+
+    Pickling runs the value's own code (``__reduce__``), which may raise any
+    ``BaseException``; the encoder turns an ``Exception`` into a ``Fail``
+    already. Only ``KeyboardInterrupt`` ends the server.
+    """
+    codec = protocol.codec
+    method = _name(call)
+    try:
+        if codec.by_reference is not None and not isinstance(value, Fail):
+            return codec.encode_reply_by_reference(call.call_id, ok, value, method)
+        return protocol.reply(call.call_id, ok, value, method)
+    except SerializationError as exc:
+        return codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, str(exc)))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        what = "result" if ok else "exception"
+        message = f"the {what} of {method}() could not be pickled: {exc!r}"
+        return protocol.codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, message))
+
+
+def forget(error: object) -> None:
+    """Let go of what a raised ``error`` keeps alive, once its reply is encoded (a
+    result is left alone, even an exception: the service may still use it).
+
+    Its traceback holds the frames of the call, and they hold its locals (a big
+    buffer, say) until the cyclic collector runs if there is a cycle among them,
+    which there often is (a frame holding the exception it caught). Clearing the
+    frames' locals and unlinking the tracebacks, also of the exceptions chained
+    to it or grouped in it, frees them at once. A service that keeps the exception
+    it raised keeps it without its traceback.
+    """
+    if not isinstance(error, BaseException):
+        return
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        linked = (exc.__cause__, exc.__context__)
+        exc.__cause__ = exc.__context__ = None
+        pending.extend(e for e in linked if e is not None)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+
+
 def _static_attribute(obj: object, name: str) -> object:
     """``obj.name`` as stored, without running a descriptor (``MISSING`` if not found).
 
@@ -207,20 +263,33 @@ def _static_attribute(obj: object, name: str) -> object:
     return instance_dict.get(name, MISSING)
 
 
-def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> None:
+def serve(
+    service: object,
+    conn: Connection,
+    *,
+    max_concurrency: int = 1,
+    untrusted: bool = False,
+    allowed_types: Iterable[type] = (),
+) -> None:
     """Serve ``service`` on ``conn`` until the peer closes or asks to stop.
 
     Args:
         service: the object whose public methods may be called.
         conn: this side of a duplex ``multiprocessing.Pipe``.
         max_concurrency: how many calls may run at once (threads); 1 runs them in order.
+        untrusted: the peer does not trust this process (its ``Client`` has
+            ``untrusted=True``): replies name every class by reference, never by
+            value, and a result holding a type outside ``allowed_types`` fails its
+            call with ``SerializationError`` instead of being sent.
+        allowed_types: the peer's ``allowed_types``.
 
     Raises:
         ValueError: ``max_concurrency`` is not a positive integer.
         ProtocolError: the peer broke the wire protocol.
     """
     check_max_concurrency(max_concurrency)
-    _Loop(service, conn, max_concurrency).run()
+    codec = Codec(by_reference=True, allowed_types=allowed_types) if untrusted else Codec()
+    _Loop(service, conn, max_concurrency, codec).run()
 
 
 def check_max_concurrency(max_concurrency: int) -> None:
@@ -281,9 +350,11 @@ class _Channel:
 
 
 class _Loop:
-    def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
+    def __init__(
+        self, service: object, conn: Connection, max_concurrency: int, codec: Codec
+    ) -> None:
         self.dispatcher = Dispatcher(service)
-        self.main = _Channel(conn, ServerProtocol(kinds=self.dispatcher.kinds()))
+        self.main = _Channel(conn, ServerProtocol(codec, kinds=self.dispatcher.kinds()))
         enlarge_buffers(conn)
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels
@@ -349,8 +420,13 @@ class _Loop:
             message = protocol.receive(bodies[0])
             if isinstance(message, Call | Get):
                 ok, value = self.dispatcher.run(message)
+                try:
+                    frame = reply(protocol, message, ok, value)
+                finally:
+                    if not ok:
+                        forget(value)
                 # One thread writes when there is no pool: no lock needed.
-                channel.write(protocol.reply(message.call_id, ok, value, _name(message)))
+                channel.write(frame)
                 return True
             if message is None:
                 return True
@@ -370,7 +446,11 @@ class _Loop:
                         continue
                     started = time.perf_counter()
                     ok, value = self.dispatcher.run(message)
-                    out += protocol.reply(message.call_id, ok, value, _name(message))
+                    try:
+                        out += reply(protocol, message, ok, value)
+                    finally:
+                        if not ok:
+                            forget(value)
                     del value
                     if time.perf_counter() - started > _FLUSH_AFTER:
                         channel.send(out)
@@ -466,7 +546,11 @@ class _Loop:
 
     def run_and_reply(self, channel: _Channel, call: Call | Get) -> None:
         ok, value = self.dispatcher.run(call)
-        frame = channel.protocol.reply(call.call_id, ok, value, _name(call))
+        try:
+            frame = reply(channel.protocol, call, ok, value)
+        finally:
+            if not ok:
+                forget(value)
         del value
         try:
             channel.send(frame)

@@ -20,7 +20,7 @@ import pytest
 import pipe_rpc
 from pipe_rpc._client import Client
 from pipe_rpc._process import _child_main
-from tests.calc_service import CalcService, ExitingStrError
+from tests.calc_service import CalcService, ExitingStrError, RefusesToPickleError
 
 METHODS = ["fork", "forkserver", "spawn"]
 
@@ -153,6 +153,34 @@ def test_unpicklable_result_is_serialization_error_and_child_lives(
     pid = server.pid
     with pytest.raises(pipe_rpc.SerializationError, match="result"):
         server.proxy.make_lock()
+    assert server.proxy.add(1, 2) == 3
+    assert server.pid == pid
+
+
+# SystemExit from a __reduce__ already failed only its call; these did not.
+BASE_EXCEPTIONS = ["GeneratorExit", "OwnBaseException"]
+
+
+@pytest.mark.parametrize("kind", BASE_EXCEPTIONS)
+def test_a_result_whose_pickling_raises_a_base_exception_fails_only_its_call(
+    server: pipe_rpc.Server[CalcService], kind: str
+) -> None:
+    pid = server.pid
+    with pytest.raises(pipe_rpc.SerializationError, match=f"refuses_to_pickle.*{kind}"):
+        server.proxy.refuses_to_pickle(kind)
+    assert server.proxy.add(1, 2) == 3
+    assert server.pid == pid
+
+
+@pytest.mark.parametrize("kind", BASE_EXCEPTIONS)
+def test_an_exception_whose_pickling_raises_a_base_exception_is_rebuilt_from_its_parts(
+    server: pipe_rpc.Server[CalcService], kind: str
+) -> None:
+    pid = server.pid
+    with pytest.raises(RefusesToPickleError) as info:
+        server.proxy.raise_refusing_to_pickle(kind)
+    assert info.value.args == (kind,)
+    assert "raise_refusing_to_pickle" in str(info.value.__cause__)
     assert server.proxy.add(1, 2) == 3
     assert server.pid == pid
 
