@@ -5,7 +5,8 @@ kill takes its grandchildren too), closes the parent ends of other servers'
 pipes it inherited under ``fork`` (so a sibling's death is never masked),
 starts a thread that ends the group if our process dies, applies the
 ``Limits``, builds the service from the cloudpickled factory and serves it.
-A factory that raises sends ``StartupFailed`` instead of the hello.
+A factory that raises sends ``StartupFailed`` instead of the hello. Its
+standard error is a pipe that the parent drains (``_stderr``).
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from ._errors import (
     PipeRPCError,
     ProtocolError,
     StartupError,
+    WorkerDiedError,
     describe_exitcode,
 )
 from ._messages import StartupFailed
 from ._server import check_max_concurrency, serve
+from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
 if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
@@ -94,8 +97,11 @@ def _child_main(
     parent_pid: int,
     limits: Limits | None,
     max_concurrency: int,
+    stderr_end: Connection | None = None,
 ) -> None:
     """The child process: set up isolation, build the service, serve it."""
+    if stderr_end is not None:
+        adopt_in_child(stderr_end)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     for end in list(_PARENT_ENDS):
@@ -219,9 +225,14 @@ class _GuardedProcess:
 
 
 class _Child:
-    """One child process and the client talking to it."""
+    """One child process, the client talking to it, and its standard error."""
 
-    def __init__(self, process: _GuardedProcess, client: Client[Any]) -> None:
+    def __init__(
+        self,
+        process: _GuardedProcess,
+        client: Client[Any],
+        stderr: ChildStderr | None = None,
+    ) -> None:
         self.process = process
         self.client = client
         self.pid = cast(int, process.pid)
@@ -229,6 +240,7 @@ class _Child:
         self.owner = os.getpid()
         self.ended = False  # has_ended() saw it end
         self._local = threading.local()
+        self.stderr = stderr
 
     def sentinel_fired(self) -> bool:
         """Has the process ended? One ``poll`` of its sentinel."""
@@ -274,11 +286,33 @@ class _Child:
         if self.exitcode is not None:
             with contextlib.suppress(ValueError):
                 self.process.close()
+        if self.stderr is not None:  # its last words reach our stderr before we return
+            self.stderr.finish()
+
+    def note_death(self, error: BaseException) -> None:
+        """``error`` came of this child's death: give it the stderr tail."""
+        if isinstance(error, WorkerDiedError) and self.stderr is not None:
+            error.stderr_tail = self.stderr.tail()
 
     def _join(self, timeout: float) -> None:
         with contextlib.suppress(ValueError, AssertionError):
             self.process.join(timeout)
             self.exitcode = self.process.exitcode
+
+
+def _death_hint(limits: Limits | None, stderr: ChildStderr) -> Callable[[int], str]:
+    """The client's ``death_hint``: the limits' guess, then the end of the child's stderr.
+
+    It holds the limits' own method, not the server's: a method of the server would
+    keep it alive through the handle, which its finalizer holds, and it would never
+    be collected.
+    """
+    explain = None if limits is None else limits.explain
+
+    def hint(exitcode: int) -> str:
+        return ("" if explain is None else explain(exitcode)) + stderr.death_note()
+
+    return hint
 
 
 class _Handle:
@@ -361,9 +395,18 @@ class Server(Generic[T]):
     def _start(self) -> None:
         parent_end, child_end = self._context.Pipe(duplex=True)
         _PARENT_ENDS.add(parent_end)
+        stderr = ChildStderr()
+        stderr.watch()
         process = self._context.Process(
             target=_child_main,
-            args=(child_end, self._factory_blob, os.getpid(), self._limits, self._max_concurrency),
+            args=(
+                child_end,
+                self._factory_blob,
+                os.getpid(),
+                self._limits,
+                self._max_concurrency,
+                stderr.child_end,
+            ),
             name=self._name or "pipe_rpc-server",
             daemon=False,
         )
@@ -371,6 +414,7 @@ class Server(Generic[T]):
             process.start()
         finally:
             child_end.close()
+            stderr.child_end.close()  # the pipe ends when the child (and its children) end
         guarded = _GuardedProcess(process)
         max_reply = self._max_reply_bytes
         if max_reply is None and self._untrusted:
@@ -383,11 +427,8 @@ class Server(Generic[T]):
             allowed_types=self._allowed_types,
             max_reply_bytes=max_reply,
         )
-        if self._limits is not None:
-            # The limits' own method: a method of this server would keep it alive through
-            # the handle, which its finalizer holds, and it would never be collected.
-            client.death_hint = self._limits.explain
-        child = _Child(guarded, client)
+        client.death_hint = _death_hint(self._limits, stderr)
+        child = _Child(guarded, client, stderr)
         self._handle.child = child
         try:
             client.wait_ready()
@@ -429,7 +470,9 @@ class Server(Generic[T]):
                 child.client.connection_lost("the server process has ended")
                 broken = child.client.broken
                 assert broken is not None
-                raise fresh_error(broken)
+                error = fresh_error(broken)
+                child.note_death(error)
+                raise error
             child.stop(graceful=0)
             self._start()
             child = handle.child
@@ -449,6 +492,9 @@ class Server(Generic[T]):
             raise
         except ProtocolError:
             child.stop(graceful=0)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
             raise
 
     # -- public -------------------------------------------------------------
