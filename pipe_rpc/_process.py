@@ -7,6 +7,9 @@ starts a thread that ends the group if our process dies, applies the
 ``Limits``, builds the service from the cloudpickled factory and serves it.
 A factory that raises sends ``StartupFailed`` instead of the hello. Its
 standard error is a pipe that the parent drains (``_stderr``).
+
+Logger ``"pipe_rpc"``: INFO when a child starts, is restarted or closed,
+WARNING when one is seen dead or is killed for a timeout; nothing per call.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
 if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
+    import logging
+
     from ._limits import Limits
 
 T = TypeVar("T")
@@ -232,6 +237,7 @@ class _Child:
         process: _GuardedProcess,
         client: Client[Any],
         stderr: ChildStderr | None = None,
+        method: str = "",
     ) -> None:
         self.process = process
         self.client = client
@@ -241,6 +247,9 @@ class _Child:
         self.ended = False  # has_ended() saw it end
         self._local = threading.local()
         self.stderr = stderr
+        self.method = method
+        self.stopping = False  # stop() began: an end from then on is ours, not news
+        self.death_logged = False
 
     def sentinel_fired(self) -> bool:
         """Has the process ended? One ``poll`` of its sentinel."""
@@ -271,6 +280,8 @@ class _Child:
         """
         if os.getpid() != self.owner:  # a forked copy of this handle: not ours to stop
             return
+        died = not self.stopping and self.has_ended()
+        self.stopping = True
         if graceful > 0:
             self.client.close()
             self._join(graceful)
@@ -288,11 +299,35 @@ class _Child:
                 self.process.close()
         if self.stderr is not None:  # its last words reach our stderr before we return
             self.stderr.finish()
+        if died:
+            self._log_death()
 
     def note_death(self, error: BaseException) -> None:
-        """``error`` came of this child's death: give it the stderr tail."""
-        if isinstance(error, WorkerDiedError) and self.stderr is not None:
+        """``error`` came of this child's death: give it the stderr tail, log the death once."""
+        if not isinstance(error, WorkerDiedError):
+            return
+        if self.stderr is not None:
             error.stderr_tail = self.stderr.tail()
+        if not self.stopping:
+            self._log_death(error.exitcode)
+
+    def _log_death(self, exitcode: int | None = None) -> None:
+        if self.death_logged:
+            return
+        self.death_logged = True
+        if exitcode is None:
+            exitcode = self.exitcode
+        last = ""
+        if self.stderr is not None:
+            self.stderr.finish()
+            last = self.stderr.last_line()
+        _log().warning(
+            "server process %d died: %s (exit code %s); last line on its stderr: %r",
+            self.pid,
+            _reason(exitcode),
+            exitcode,
+            last,
+        )
 
     def _join(self, timeout: float) -> None:
         with contextlib.suppress(ValueError, AssertionError):
@@ -315,6 +350,28 @@ def _death_hint(limits: Limits | None, stderr: ChildStderr) -> Callable[[int], s
     return hint
 
 
+_LOGGER: logging.Logger | None = None
+
+
+def _log() -> logging.Logger:
+    """The ``"pipe_rpc"`` logger, importing ``logging`` on first use: a child never needs it."""
+    global _LOGGER
+    if _LOGGER is None:
+        import logging
+
+        _LOGGER = logging.getLogger("pipe_rpc")
+    return _LOGGER
+
+
+def _reason(exitcode: int | None) -> str:
+    """A death's reason in a word: ``"SIGSEGV"``, ``"exit 3"``."""
+    if exitcode is None:
+        return "unknown"
+    if exitcode < 0:
+        return describe_exitcode(exitcode).removeprefix("killed by ")
+    return f"exit {exitcode}"
+
+
 class _Handle:
     """What must be cleaned up for a ``Server``, kept apart so GC and exit can do it."""
 
@@ -325,10 +382,18 @@ class _Handle:
 
     def shutdown(self, graceful: float) -> None:
         with self.lock:
+            was_closed = self.closed
             self.closed = True
             child = self.child
         if child is not None:
             child.stop(graceful)
+            if not was_closed and child.owner == os.getpid():
+                _log().info(
+                    "server process %d closed: %s (start method %s)",
+                    child.pid,
+                    describe_exitcode(child.exitcode),
+                    child.method,
+                )
 
 
 _LIVE: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -393,6 +458,7 @@ class Server(Generic[T]):
     # -- the child ----------------------------------------------------------
 
     def _start(self) -> None:
+        previous = self._handle.child
         parent_end, child_end = self._context.Pipe(duplex=True)
         _PARENT_ENDS.add(parent_end)
         stderr = ChildStderr()
@@ -428,7 +494,7 @@ class Server(Generic[T]):
             max_reply_bytes=max_reply,
         )
         client.death_hint = _death_hint(self._limits, stderr)
-        child = _Child(guarded, client, stderr)
+        child = _Child(guarded, client, stderr, self._method)
         self._handle.child = child
         try:
             client.wait_ready()
@@ -438,6 +504,15 @@ class Server(Generic[T]):
         except PipeRPCError as exc:
             child.stop(graceful=0)
             raise StartupError(f"the child failed while starting: {exc}") from exc
+        if previous is None:
+            _log().info("server process %d started (start method %s)", child.pid, self._method)
+        else:
+            _log().info(
+                "server process %d restarted as %d (start method %s)",
+                previous.pid,
+                child.pid,
+                self._method,
+            )
 
     def _current(self) -> _Child:
         """The live child for a call, restarting a dead one if the policy says so."""
@@ -488,6 +563,11 @@ class Server(Generic[T]):
             return child.client.invoke(method, args, kwargs, timeout)
         except CallTimeoutError:
             if self._on_timeout == "kill":
+                _log().warning(
+                    "server process %d: %s() timed out; killing it (on_timeout='kill')",
+                    child.pid,
+                    method,
+                )
                 child.stop(graceful=0)
             raise
         except ProtocolError:
