@@ -354,12 +354,18 @@ _LOGGER: logging.Logger | None = None
 
 
 def _log() -> logging.Logger:
-    """The ``"pipe_rpc"`` logger, importing ``logging`` on first use: a child never needs it."""
+    """The ``"pipe_rpc"`` logger, importing ``logging`` on first use: a child never needs it.
+
+    A library's logger gets a ``NullHandler``, so that a program that has not set up
+    logging does not get our warnings printed by logging's last-resort handler.
+    """
     global _LOGGER
     if _LOGGER is None:
         import logging
 
-        _LOGGER = logging.getLogger("pipe_rpc")
+        logger = logging.getLogger("pipe_rpc")
+        logger.addHandler(logging.NullHandler())
+        _LOGGER = logger
     return _LOGGER
 
 

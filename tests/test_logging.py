@@ -10,13 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import pipe_rpc
 from tests.stderr_services import Noisy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
@@ -140,3 +145,40 @@ def test_a_timeout_kill_is_logged_at_warning_and_not_as_a_death(
         ),
         (logging.INFO, f"server process {pid} closed: killed by SIGTERM (start method fork)"),
     ]
+
+
+def test_records_reach_the_programs_handlers_and_never_logging_last_resort() -> None:
+    """Before the program sets up logging, a death prints nothing of ours (logging's
+    last-resort handler would print warnings to stderr); after, its handler gets it.
+    The program's stderr holds the dying children's lines and nothing else."""
+    code = (
+        "import logging, sys\n"
+        "import pipe_rpc\n"
+        "from tests.stderr_services import Noisy\n"
+        "for n in (1, 2):\n"
+        "    server = pipe_rpc.spawn(Noisy, start_method='fork')\n"
+        "    try:\n"
+        "        server.proxy.write_then_exit(f'child {n} says goodbye\\n', 3)\n"
+        "    except pipe_rpc.WorkerDiedError:\n"
+        "        pass\n"
+        "    server.close()\n"
+        "    logging.basicConfig(stream=sys.stdout, format='%(levelname)s %(message)s')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "child 1 says goodbye\nchild 2 says goodbye\n"
+    assert result.stdout.startswith("WARNING server process "), result.stdout
+    assert result.stdout.endswith(
+        " died: exit 3 (exit code 3); last line on its stderr: 'child 2 says goodbye'\n"
+    )
+    assert result.stdout.count("\n") == 1, result.stdout
