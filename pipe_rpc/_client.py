@@ -113,6 +113,15 @@ class Client(Generic[T]):
     def death_hint(self, hint: Callable[[int], str]) -> None:
         self._core.death_hint = hint
 
+    @property
+    def death_tail(self) -> Callable[[], str]:
+        """The dead child's last standard error, for ``WorkerDiedError.stderr_tail``."""
+        return self._core.death_tail
+
+    @death_tail.setter
+    def death_tail(self, tail: Callable[[], str]) -> None:
+        self._core.death_tail = tail
+
     def __enter__(self) -> Client[T]:
         return self
 

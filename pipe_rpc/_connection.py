@@ -194,6 +194,7 @@ class Connection:
         self.protocol: ClientProtocol[PendingCall] = ClientProtocol(codec)
         self.pipe = Transport(conn, sentinel=self._sentinel, max_frame=max_frame)
         self.death_hint: Callable[[int], str] = lambda exitcode: ""
+        self.death_tail: Callable[[], str] = lambda: ""  # the dead child's last stderr
         self.closed = False
         self.broken: PipeRPCError | None = None
         self._write_lock = threading.RLock()
@@ -522,7 +523,9 @@ class Connection:
             )
         hint = self.death_hint(exitcode)
         return WorkerDiedError(
-            f"server process {pid} {describe_exitcode(exitcode)}{hint}", exitcode=exitcode
+            f"server process {pid} {describe_exitcode(exitcode)}{hint}",
+            exitcode=exitcode,
+            stderr_tail=self.death_tail(),
         )
 
     def close(self) -> None:

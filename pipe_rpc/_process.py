@@ -5,7 +5,11 @@ kill takes its grandchildren too), closes the parent ends of other servers'
 pipes it inherited under ``fork`` (so a sibling's death is never masked),
 starts a thread that ends the group if our process dies, applies the
 ``Limits``, builds the service from the cloudpickled factory and serves it.
-A factory that raises sends ``StartupFailed`` instead of the hello.
+A factory that raises sends ``StartupFailed`` instead of the hello. Its
+standard error is a pipe that the parent drains (``_stderr``).
+
+Logger ``"pipe_rpc"``: INFO when a child starts, is restarted or closed,
+WARNING when one is seen dead or is killed for a timeout; nothing per call.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ._errors import (
     PipeRPCError,
     ProtocolError,
     StartupError,
+    WorkerDiedError,
     describe_exitcode,
 )
 from ._liveness import (
@@ -49,9 +54,12 @@ from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
 from ._scripts import main_for_children
 from ._server import check_max_concurrency, serve
+from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
 if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
+    import logging
+
     from ._limits import Limits
 
 T = TypeVar("T")
@@ -98,8 +106,11 @@ def _child_main(
     max_concurrency: int,
     untrusted: bool = False,
     allowed_blob: bytes | None = None,
+    stderr_end: Connection | None = None,
 ) -> None:
     """The child process: set up isolation, build the service, serve it."""
+    if stderr_end is not None:
+        adopt_in_child(stderr_end)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     for end in list(_PARENT_ENDS):
@@ -255,9 +266,15 @@ class _GuardedProcess:
 
 
 class _Child:
-    """One child process and the client talking to it."""
+    """One child process, the client talking to it, and its standard error."""
 
-    def __init__(self, process: _GuardedProcess, client: Client[Any]) -> None:
+    def __init__(
+        self,
+        process: _GuardedProcess,
+        client: Client[Any],
+        stderr: ChildStderr | None = None,
+        method: str = "",
+    ) -> None:
         self.process = process
         self.client = client
         self.pid = cast(int, process.pid)
@@ -265,6 +282,10 @@ class _Child:
         self.generation = fork_generation()
         self.ended = False  # has_ended() saw it end
         self._local = threading.local()
+        self.stderr = stderr
+        self.method = method
+        self.stopping = False  # stop() began: an end from then on is ours, not news
+        self.death_logged = False
 
     def sentinel_fired(self) -> bool:
         """Has the process ended? One ``poll`` of its sentinel."""
@@ -297,6 +318,8 @@ class _Child:
         """
         if self.generation != fork_generation():  # a forked copy: not ours to stop
             return
+        died = not self.stopping and self.has_ended()
+        self.stopping = True
         if graceful > 0:
             self.client.close()
             self._join(graceful)
@@ -312,11 +335,85 @@ class _Child:
         if self.exitcode is not None:
             with contextlib.suppress(ValueError):
                 self.process.close()
+        if self.stderr is not None:  # its last words reach our stderr before we return
+            self.stderr.finish()
+        if died:
+            self._log_death()
+
+    def note_death(self, error: BaseException) -> None:
+        """``error`` came of this child's death: give it the stderr tail, log the death once."""
+        if not isinstance(error, WorkerDiedError):
+            return
+        if self.stderr is not None:
+            error.stderr_tail = self.stderr.tail()
+        if not self.stopping:
+            self._log_death(error.exitcode)
+
+    def _log_death(self, exitcode: int | None = None) -> None:
+        if self.death_logged:
+            return
+        self.death_logged = True
+        if exitcode is None:
+            exitcode = self.exitcode
+        last = ""
+        if self.stderr is not None:
+            self.stderr.finish()
+            last = self.stderr.last_line()
+        _log().warning(
+            "server process %d died: %s (exit code %s); last line on its stderr: %r",
+            self.pid,
+            _reason(exitcode),
+            exitcode,
+            last,
+        )
 
     def _join(self, timeout: float) -> None:
         with contextlib.suppress(ValueError, AssertionError):
             self.process.join(timeout)
             self.exitcode = self.process.exitcode
+
+
+def _death_hint(limits: Limits | None, stderr: ChildStderr) -> Callable[[int], str]:
+    """The client's ``death_hint``: the limits' guess, then the end of the child's stderr.
+
+    It holds the limits' own method, not the server's: a method of the server would
+    keep it alive through the handle, which its finalizer holds, and it would never
+    be collected.
+    """
+    explain = None if limits is None else limits.explain
+
+    def hint(exitcode: int) -> str:
+        return ("" if explain is None else explain(exitcode)) + stderr.death_note()
+
+    return hint
+
+
+_LOGGER: logging.Logger | None = None
+
+
+def _log() -> logging.Logger:
+    """The ``"pipe_rpc"`` logger, importing ``logging`` on first use: a child never needs it.
+
+    A library's logger gets a ``NullHandler``, so that a program that has not set up
+    logging does not get our warnings printed by logging's last-resort handler.
+    """
+    global _LOGGER
+    if _LOGGER is None:
+        import logging
+
+        logger = logging.getLogger("pipe_rpc")
+        logger.addHandler(logging.NullHandler())
+        _LOGGER = logger
+    return _LOGGER
+
+
+def _reason(exitcode: int | None) -> str:
+    """A death's reason in a word: ``"SIGSEGV"``, ``"exit 3"``."""
+    if exitcode is None:
+        return "unknown"
+    if exitcode < 0:
+        return describe_exitcode(exitcode).removeprefix("killed by ")
+    return f"exit {exitcode}"
 
 
 class _Handle:
@@ -329,10 +426,18 @@ class _Handle:
 
     def shutdown(self, graceful: float) -> None:
         with self.lock:
+            was_closed = self.closed
             self.closed = True
             child = self.child
         if child is not None:
             child.stop(graceful)
+            if not was_closed and child.generation == fork_generation():
+                _log().info(
+                    "server process %d closed: %s (start method %s)",
+                    child.pid,
+                    describe_exitcode(child.exitcode),
+                    child.method,
+                )
 
 
 _LIVE: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -400,8 +505,11 @@ class Server(Generic[T]):
     # -- the child ----------------------------------------------------------
 
     def _start(self) -> None:
+        previous = self._handle.child
         parent_end, child_end = self._context.Pipe(duplex=True)
         _PARENT_ENDS.add(parent_end)
+        stderr = ChildStderr()
+        stderr.watch()
         process = self._context.Process(
             target=_child_main,
             args=(
@@ -412,6 +520,7 @@ class Server(Generic[T]):
                 self._max_concurrency,
                 self._untrusted,
                 self._allowed_blob,
+                stderr.child_end,
             ),
             name=self._name or "pipe_rpc-server",
             daemon=False,
@@ -421,6 +530,7 @@ class Server(Generic[T]):
                 process.start()
         finally:
             child_end.close()
+            stderr.child_end.close()  # the pipe ends when the child (and its children) end
         guarded = _GuardedProcess(process)
         max_reply = self._max_reply_bytes
         if max_reply is None and self._untrusted:
@@ -433,11 +543,9 @@ class Server(Generic[T]):
             allowed_types=self._allowed_types,
             max_reply_bytes=max_reply,
         )
-        if self._limits is not None:
-            # The limits' own method: a method of this server would keep it alive through
-            # the handle, which its finalizer holds, and it would never be collected.
-            client.death_hint = self._limits.explain
-        child = _Child(guarded, client)
+        client.death_hint = _death_hint(self._limits, stderr)
+        client.death_tail = stderr.tail
+        child = _Child(guarded, client, stderr, self._method)
         self._handle.child = child
         try:
             client.wait_ready()
@@ -447,6 +555,15 @@ class Server(Generic[T]):
         except PipeRPCError as exc:
             child.stop(graceful=0)
             raise StartupError(f"the child failed while starting: {exc}") from exc
+        if previous is None:
+            _log().info("server process %d started (start method %s)", child.pid, self._method)
+        else:
+            _log().info(
+                "server process %d restarted as %d (start method %s)",
+                previous.pid,
+                child.pid,
+                self._method,
+            )
 
     def _current(self) -> _Child:
         """The live child for a call, restarting a dead one if the policy says so."""
@@ -479,7 +596,9 @@ class Server(Generic[T]):
                 child.client.connection_lost("the server process has ended")
                 broken = child.client.broken
                 assert broken is not None
-                raise fresh_error(broken)
+                error = fresh_error(broken)
+                child.note_death(error)
+                raise error
             child.stop(graceful=0)
             self._start()
             child = handle.child
@@ -494,7 +613,10 @@ class Server(Generic[T]):
         try:
             return child.client.invoke(method, args, kwargs, timeout)
         except (CallTimeoutError, ProtocolError) as exc:
-            self._failed(child, exc)
+            self._failed(child, exc, method)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
             raise
 
     def kind(self, name: str) -> Kind:
@@ -507,7 +629,10 @@ class Server(Generic[T]):
         try:
             return child.client.get(name, timeout)
         except (CallTimeoutError, ProtocolError) as exc:
-            self._failed(child, exc)
+            self._failed(child, exc, name)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
             raise
 
     def _child_for_call(self) -> _Child:
@@ -515,9 +640,17 @@ class Server(Generic[T]):
             check_owner(self._generation, "server")
         return self._current()
 
-    def _failed(self, child: _Child, exc: PipeRPCError) -> None:
-        """A call on ``child`` failed with ``exc``: kill it if that is the policy."""
-        if isinstance(exc, ProtocolError) or self._on_timeout == "kill":
+    def _failed(self, child: _Child, exc: PipeRPCError, method: str) -> None:
+        """A call of ``method`` on ``child`` failed with ``exc``: kill the child if that
+        is the policy."""
+        if isinstance(exc, ProtocolError):
+            child.stop(graceful=0)
+        elif self._on_timeout == "kill":
+            _log().warning(
+                "server process %d: %s() timed out; killing it (on_timeout='kill')",
+                child.pid,
+                method,
+            )
             child.stop(graceful=0)
 
     # -- public -------------------------------------------------------------

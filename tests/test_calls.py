@@ -448,12 +448,13 @@ def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_fresh_child_imports_only_what_it_needs(method: Literal["forkserver", "spawn"]) -> None:
-    """attrs, cloudpickle and inspect cost milliseconds of every start; the child loads
-    the first two only when given limits or a by-value payload, and never the third."""
+    """attrs, cloudpickle, inspect and logging cost milliseconds of every start; the child
+    loads the first two only when given limits or a by-value payload, never the others."""
     with pipe_rpc.spawn(CalcService, start_method=method) as calc:
         assert not calc.imported("attrs")
         assert not calc.imported("cloudpickle")
         assert not calc.imported("inspect")
+        assert not calc.imported("logging")
     with pipe_rpc.spawn(CalcService, start_method=method, limits=pipe_rpc.Limits()) as calc:
         assert calc.imported("attrs")
 

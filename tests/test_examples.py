@@ -35,6 +35,7 @@ EXPECTED: dict[str, list[str]] = {
         r"first child pid: \d+",
         r"call failed: .*SIGSEGV.*",
         r"exitcode: -11",
+        r"the stack names crash\(\): True",
         r"second child pid: \d+",
         r"fresh child: True",
         r"parent \d+ is still running",
