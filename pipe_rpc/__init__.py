@@ -21,6 +21,7 @@ from ._proxy import options
 from ._server import serve
 
 if _typing.TYPE_CHECKING:
+    from ._aio import acall, aspawn, submit
     from ._limits import Limits
     from ._safe_types import SAFE_TYPES
 
@@ -40,9 +41,12 @@ __all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "Server",
     "StartupError",
     "WorkerDiedError",
+    "acall",
+    "aspawn",
     "options",
     "serve",
     "spawn",
+    "submit",
 ]
 
 
@@ -53,6 +57,10 @@ def __getattr__(name: str) -> object:
         from ._limits import Limits
 
         return Limits
+    if name in ("acall", "aspawn", "submit"):  # asyncio and concurrent.futures: not in a child
+        from . import _aio
+
+        return getattr(_aio, name)
     if name == "SAFE_TYPES":  # imports pathlib, decimal and more: only for untrusted children
         from ._safe_types import SAFE_TYPES
 

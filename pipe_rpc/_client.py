@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection as Pipe
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._codec import Codec
 from ._connection import Connection
@@ -18,6 +18,12 @@ from ._errors import PipeRPCError
 from ._liveness import HasSentinel, PeerMonitor
 from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, check_timeout
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+# The asyncio and futures front-ends (``_aio``) are imported when first used: a
+# child imports this module, and asyncio or concurrent.futures would cost its start.
 
 T = TypeVar("T")
 
@@ -63,6 +69,26 @@ class Client(Generic[T]):
         if timeout is DEFAULT:
             timeout = self.timeout
         return self._core.call(method, args, kwargs, timeout)
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop, without blocking it."""
+        from ._aio import call_async
+
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        return await call_async(self._core, method, args, kwargs, timeout)
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future; returns once the call is sent."""
+        from ._aio import submit_call
+
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        return submit_call(self._core, method, args, kwargs, timeout)
 
     def kind(self, name: str) -> Kind:
         """What ``name`` is in the service (from the server's hello, or asked once)."""

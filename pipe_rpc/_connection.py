@@ -104,7 +104,13 @@ _IO_ERRORS = (PeerGone, ProtocolError, StartupFailedSignal, OSError)
 
 
 class Waiter(Protocol):
-    """What a call wakes when it is settled: a thread's lock, an event loop's future, ..."""
+    """What a call wakes when it is settled: a thread's lock, an event loop's future, ...
+
+    ``leads``: the waiter is a thread that can take over reading the pipe when it
+    is woken (an event loop reads through its own callback instead).
+    """
+
+    leads: bool
 
     def wake(self) -> None: ...
 
@@ -113,6 +119,7 @@ class ThreadWaiter:
     """A waiter for one thread: a lock that stays held until something wakes it."""
 
     __slots__ = ("_lock",)
+    leads = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -242,6 +249,88 @@ class Connection:
             asked = self._run(PendingCall(name), None, functools.partial(Describe, name=name))
             kind = peer.kinds[name] = Kind(asked)
         return kind
+
+    def check_usable(self) -> None:
+        """Raise at once if a call cannot start: another process's, closed or dead."""
+        if self.generation != fork_generation():
+            check_owner(self.generation, "client")
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+
+    def abandon(self, call_id: int) -> bool:
+        """Give up on a call (its late reply is dropped); False if it had an outcome."""
+        return self.protocol.abandon(call_id)
+
+    def write_nowait(self, frame: list[Buffer]) -> bool | None:
+        """Write a registered call's frame on the pipe without waiting for anything.
+
+        True: it went whole. None: part of it went, and the rest is queued (the next
+        writer, or ``flush_nowait``, finishes it). False: nothing went (the write lock
+        was busy, or the socket full): try again later.
+        """
+        lock = self._write_lock
+        try:
+            if not lock.acquire(False):
+                return False
+            if self.broken is not None:
+                raise fresh_error(self.broken)
+            self.pipe.write(frame, time.monotonic())
+            return True
+        except WriteTimeout:
+            if self.pipe.unsent_untouched():
+                self.pipe.drop_unstarted()
+                return False
+            return None
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+            raise fresh_error(self.broken) from None  # type: ignore[arg-type]
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def flush_nowait(self) -> bool:
+        """Go on writing a frame ``write_nowait`` left part-written; True once none is left."""
+        lock = self._write_lock
+        try:
+            if not lock.acquire(False):
+                return False
+            if self.broken is not None:
+                return True
+            self.pipe.flush(time.monotonic())
+            return True
+        except WriteTimeout:
+            return False
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+            return True
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def read_nowait(self, ended: bool = False) -> None:
+        """Read what the pipe has and settle its calls, unless a leader is reading (then
+        it does): for an event loop told that the pipe, or with ``ended`` the server
+        process's sentinel, is readable."""
+        lock = self._read_lock
+        try:
+            if lock.acquire(False):
+                self.pipe.read_available()
+                self._hand_out(self.pipe)
+                if ended:
+                    raise PeerGone("peer process ended")
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, self.pipe)
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+            else:
+                self._pass_lead()
 
     def _run(
         self,
@@ -374,8 +463,9 @@ class Connection:
         """The leader left: wake one follower to read in its place."""
         if self.protocol.pending_count:
             for slot in self.protocol.slots():
-                if not slot.done and slot.waiter is not None:
-                    slot.waiter.wake()
+                waiter = slot.waiter
+                if not slot.done and waiter is not None and waiter.leads:
+                    waiter.wake()
                     return
 
     def _wait_channel(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import _thread
 import atexit
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
@@ -59,6 +60,7 @@ from ._transport import Transport
 
 if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
     import logging
+    from concurrent.futures import Future
 
     from ._limits import Limits
 
@@ -472,6 +474,7 @@ class Server(Generic[T]):
         allowed_types: Iterable[type],
         max_reply_bytes: int | None,
         name: str | None,
+        start_timeout: float | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self._method: StartMethod = start_method or default_start_method()
@@ -486,6 +489,7 @@ class Server(Generic[T]):
         self._allowed_types = tuple(allowed_types)
         self._max_reply_bytes = max_reply_bytes
         self._name = name
+        self._start_timeout = check_timeout(start_timeout, "start_timeout")
         import cloudpickle
 
         try:
@@ -548,10 +552,16 @@ class Server(Generic[T]):
         child = _Child(guarded, client, stderr, self._method)
         self._handle.child = child
         try:
-            client.wait_ready()
+            client.wait_ready(self._start_timeout)
         except StartupError:
             child.stop(graceful=1.0)
             raise
+        except CallTimeoutError:
+            child.stop(graceful=0)
+            raise StartupError(
+                f"the factory did not finish within start_timeout={self._start_timeout} s; "
+                f"server process {child.pid} was killed"
+            ) from None
         except PipeRPCError as exc:
             child.stop(graceful=0)
             raise StartupError(f"the child failed while starting: {exc}") from exc
@@ -618,6 +628,46 @@ class Server(Generic[T]):
         except WorkerDiedError as exc:
             child.note_death(exc)
             raise
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop (``acall``'s way in).
+
+        Cancelling the awaiting task acts as the call's timeout: under
+        ``on_timeout="kill"`` the child is killed.
+        """
+        import asyncio
+
+        child = self._child_for_call()
+        try:
+            return await child.client.ainvoke(method, args, kwargs, timeout)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc, method)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
+            raise
+        except asyncio.CancelledError:
+            self._failed(child, CallTimeoutError(f"{method}() was cancelled"), method)
+            raise
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future (``submit``'s way in).
+
+        ``future.cancel()`` acts as the call's timeout: under ``on_timeout="kill"``
+        the child is killed.
+        """
+        from ._aio import CallFuture
+
+        child = self._child_for_call()
+        future = child.client.submit(method, args, kwargs, timeout)
+        if isinstance(future, CallFuture):
+            cancelled = CallTimeoutError(f"{method}() was cancelled")
+            future.on_cancel.append(functools.partial(self._failed, child, cancelled, method))
+        return future
 
     def kind(self, name: str) -> Kind:
         """What ``name`` is in the service (the proxy's way to answer an attribute)."""
@@ -710,6 +760,23 @@ class Server(Generic[T]):
             raise ClientClosedError("the server was closed")
         return self.proxy
 
+    async def __aenter__(self) -> T:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """``close()`` without blocking the event loop (it runs on a worker thread)."""
+        import asyncio
+
+        await asyncio.to_thread(self.close, timeout)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -742,6 +809,7 @@ def spawn(
     name: str | None = None,
     allowed_types: Iterable[type] = (),
     max_reply_bytes: int | None = None,
+    start_timeout: float | None = None,
 ) -> Server[T]:
     """Start ``factory()`` in a child process and return the handle to it.
 
@@ -782,4 +850,5 @@ def spawn(
         allowed_types=allowed_types,
         max_reply_bytes=max_reply_bytes,
         name=name,
+        start_timeout=start_timeout,
     )

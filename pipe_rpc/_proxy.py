@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ._errors import PipeRPCError
 from ._messages import Kind
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 T = TypeVar("T")
 
@@ -62,13 +65,26 @@ class Invoker(Protocol):
         """Read the service's public property or data attribute ``name``."""
         ...
 
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop, without blocking it."""
+        ...
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future; returns once the call is sent."""
+        ...
+
 
 class _Method:
     """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
 
-    __slots__ = ("_invoke", "_name", "_timeout")
+    __slots__ = ("_invoke", "_invoker", "_name", "_timeout")
 
     def __init__(self, invoker: Invoker, name: str, timeout: float | None) -> None:
+        self._invoker = invoker
         self._invoke = invoker.invoke
         self._name = name
         self._timeout = timeout
@@ -79,6 +95,18 @@ class _Method:
 
     def __repr__(self) -> str:
         return f"<remote method {self._name}>"
+
+
+class _AsyncMethod(_Method):
+    """A bound remote ``async def`` method: calling it gives an awaitable, as its type says."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.ainvoke(self._name, args, kwargs, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote async method {self._name}>"
 
 
 class Proxy:
@@ -98,7 +126,8 @@ class Proxy:
         kind = invoker.kind(name)
         if kind in _READ:  # a fresh value at each read: one round trip
             return invoker.get(name, self._pipe_rpc_timeout)
-        method = _Method(invoker, name, self._pipe_rpc_timeout)
+        kind_of_method = _AsyncMethod if kind is Kind.ASYNC else _Method
+        method = kind_of_method(invoker, name, self._pipe_rpc_timeout)
         object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
         return method
 

@@ -21,9 +21,11 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
+from types import CoroutineType
 from typing import Any
 
 from ._codec import Codec
+from ._coroutines import CoroutineRunner
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import Call, Describe, Fail, FailKind, Get, Kind, OpenChannel, Shutdown
 from ._messages import Channel as ChannelFrame
@@ -363,6 +365,9 @@ class _Loop:
         # never comes (the client gave up) only leaves the pipe read with recvmsg.
         self.awaited = 0
         self.pool = None
+        self.max_concurrency = max_concurrency
+        #: Runs the coroutines of ``async def`` methods, from the first such call on.
+        self.coroutines: CoroutineRunner | None = None
         if max_concurrency > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -378,6 +383,8 @@ class _Loop:
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.coroutines is not None:
+                self.coroutines.stop()
             for channel in self.side.values():
                 channel.close()
             for fd in self.main.transport.fds or ():
@@ -419,14 +426,12 @@ class _Loop:
         if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
             message = protocol.receive(bodies[0])
             if isinstance(message, Call | Get):
-                ok, value = self.dispatcher.run(message)
-                try:
-                    frame = reply(protocol, message, ok, value)
-                finally:
-                    if not ok:
-                        forget(value)
-                # One thread writes when there is no pool: no lock needed.
-                channel.write(frame)
+                frame = self.run_call(channel, message)
+                if frame is not None:
+                    if self.coroutines is None:  # one thread writes: no lock needed
+                        channel.write(frame)
+                    else:
+                        channel.send(frame)
                 return True
             if message is None:
                 return True
@@ -445,13 +450,10 @@ class _Loop:
                         self.pool.submit(self.run_and_reply, channel, message)
                         continue
                     started = time.perf_counter()
-                    ok, value = self.dispatcher.run(message)
-                    try:
-                        out += reply(protocol, message, ok, value)
-                    finally:
-                        if not ok:
-                            forget(value)
-                    del value
+                    frame = self.run_call(channel, message)
+                    if frame is not None:
+                        out += frame
+                    del frame
                     if time.perf_counter() - started > _FLUSH_AFTER:
                         channel.send(out)
                         out = []
@@ -463,6 +465,21 @@ class _Loop:
             if out:
                 channel.send(out)
         return True
+
+    def run_call(self, channel: _Channel, call: Call | Get) -> list[Buffer] | None:
+        """Run ``call`` and return its reply, or ``None`` if it goes on as a coroutine
+        (an ``async def`` method), whose reply the coroutine runner sends."""
+        ok, value = self.dispatcher.run(call)
+        if ok and type(value) is CoroutineType:
+            if self.coroutines is None:
+                self.coroutines = CoroutineRunner(self.max_concurrency, _send_reply)
+            self.coroutines.start(channel, call, value)
+            return None
+        try:
+            return reply(channel.protocol, call, ok, value)
+        finally:
+            if not ok:
+                forget(value)
 
     def request(
         self, channel: _Channel, message: Fail | Describe | OpenChannel | ChannelFrame
@@ -545,14 +562,23 @@ class _Loop:
             self.poller = None
 
     def run_and_reply(self, channel: _Channel, call: Call | Get) -> None:
-        ok, value = self.dispatcher.run(call)
-        try:
-            frame = reply(channel.protocol, call, ok, value)
-        finally:
-            if not ok:
-                forget(value)
-        del value
-        try:
-            channel.send(frame)
-        except PeerGone:
-            pass
+        frame = self.run_call(channel, call)
+        if frame is not None:
+            try:
+                channel.send(frame)
+            except PeerGone:
+                pass
+
+
+def _send_reply(channel: _Channel, call: Call | Get, ok: bool, value: Any) -> None:
+    """Send the reply of a call that ran as a coroutine (from the runner's thread)."""
+    try:
+        frame = reply(channel.protocol, call, ok, value)
+    finally:
+        if not ok:
+            forget(value)
+    del value
+    try:
+        channel.send(frame)
+    except PeerGone:
+        pass
