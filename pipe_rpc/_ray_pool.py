@@ -17,12 +17,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 import ray
 
 from ._errors import CallTimeoutError, ClientClosedError
+from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, _Method, check_timeout
 from ._ray_server import (
     Actor,
@@ -103,6 +105,32 @@ class RayPool(Generic[T]):
             return self._members[member].invoke(method, args, kwargs, timeout)
         finally:
             self._release(member)
+
+    def kind(self, name: str) -> Kind:
+        """Every name is a method on Ray (see ``RayServer.kind``)."""
+        return Kind.METHOD
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        return self._members[0].get(name, timeout)
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running loop, on the least busy actor."""
+        member = self._take()
+        try:
+            return await self._members[member].ainvoke(method, args, kwargs, timeout)
+        finally:
+            self._release(member)
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future, on the least busy actor."""
+        member = self._take()
+        future = self._members[member].submit(method, args, kwargs, timeout)
+        future.add_done_callback(lambda _: self._release(member))
+        return future
 
     def _method(self, method: Callable[..., Any]) -> tuple[str, float | None]:
         """The name and timeout of a bound method of this pool's proxy."""

@@ -15,6 +15,7 @@ errors in ``_failure()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from ._errors import (
     StartupError,
     WorkerDiedError,
 )
+from ._messages import Kind
 from ._process import Server
 from ._proxy import DEFAULT, Proxy, check_timeout
 from ._ray_actor import Raised, ServiceActor
@@ -306,6 +308,60 @@ class RayServer(Server[T]):
             timeout = self.timeout
         actor, ref = self._submit(method, args, kwargs)
         return self._finish(actor, method, ref, timeout)
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """``close()`` without blocking the event loop (it runs on a worker thread)."""
+        await asyncio.to_thread(self.close, timeout)
+
+    def kind(self, name: str) -> Kind:
+        """Every public name of a Ray service is answered as a method: reading a property
+        or data attribute through a Ray proxy is not supported (it would be a call)."""
+        return Kind.METHOD
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Not supported on Ray (see ``kind``)."""
+        raise MethodNotFoundError(f"{name!r}: a Ray proxy reads no attributes, only calls")
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running loop (``acall``'s way in)."""
+        return await self._acall(method, args, kwargs, timeout)
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future (``submit``'s way in).
+
+        The call's timeout is not applied to a submitted call on Ray; ``cancel()``
+        cancels the task (and kills the actor under ``on_timeout="kill"``).
+        """
+        from ._aio import CallFuture
+
+        actor, ref = self._submit(method, args, kwargs)
+        future = CallFuture()
+
+        def done(_: object) -> None:
+            try:
+                value = self._finish(actor, method, ref, None)
+            except BaseException as exc:
+                if not future.done():
+                    with contextlib.suppress(Exception):
+                        future.set_exception(exc)
+                return
+            if not future.done():
+                with contextlib.suppress(Exception):
+                    future.set_result(value)
+
+        def cancelled() -> None:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+            if self._on_timeout == "kill":
+                actor.kill(f"it was killed after {method}() was cancelled")
+
+        future.on_cancel.append(cancelled)
+        ref.future().add_done_callback(done)
+        return future
 
     async def _acall(
         self,

@@ -390,3 +390,17 @@ def test_the_ray_example_runs() -> None:
         "a fresh actor answers: add(2, 3) = 5",
         "squares: [0, 1, 4, 9, 16]",
     ], report
+
+
+def test_acall_and_submit_work_on_a_ray_proxy(server: pipe_rpc.Server[Service]) -> None:
+    """The asyncio and futures front-ends take a Ray proxy's methods as they take a
+    local one's: same functions, same errors."""
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(pipe_rpc.acall(server.proxy.add, i, 1) for i in range(8)))
+
+    assert asyncio.run(asyncio.wait_for(main(), DEADLINE)) == list(range(1, 9))
+    assert pipe_rpc.submit(server.proxy.add, 2, 3).result(DEADLINE) == 5
+    failing = pipe_rpc.submit(server.proxy.fail, "boom")
+    with pytest.raises(ServiceError):
+        failing.result(DEADLINE)
