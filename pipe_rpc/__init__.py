@@ -21,7 +21,7 @@ from ._proxy import options
 from ._server import serve
 
 if _typing.TYPE_CHECKING:
-    from ._aio import acall, aspawn, submit
+    from ._aio import acall, aspawn, astream, submit
     from ._limits import Limits
     from ._safe_types import SAFE_TYPES
 
@@ -43,6 +43,7 @@ __all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "WorkerDiedError",
     "acall",
     "aspawn",
+    "astream",
     "options",
     "serve",
     "spawn",
@@ -57,7 +58,12 @@ def __getattr__(name: str) -> object:
         from ._limits import Limits
 
         return Limits
-    if name in ("acall", "aspawn", "submit"):  # asyncio and concurrent.futures: not in a child
+    if name in (
+        "acall",
+        "aspawn",
+        "astream",
+        "submit",
+    ):  # asyncio and concurrent.futures: not in a child
         from . import _aio
 
         return getattr(_aio, name)

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -145,6 +145,27 @@ async def call_async(
     finally:
         watch.detach()
     return pending.outcome()
+
+
+async def wait_async(core: Connection, call: PendingCall) -> None:
+    """Await, on the running loop, until ``call`` has something (``done``)."""
+    if call.done:
+        return
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    call.waiter = _LoopWaiter(loop, future)
+    watch = _watch(core, loop)
+    watch.attach()
+    try:
+        while not call.done:
+            if core.broken is not None:
+                raise core.fresh_broken()
+            await future
+            if not call.done:
+                future = loop.create_future()
+                call.waiter = _LoopWaiter(loop, future)
+    finally:
+        watch.detach()
 
 
 async def _write(core: Connection, frame: list[Any]) -> None:
@@ -357,6 +378,33 @@ async def acall(method: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) 
     """
     bound = _method_of(method, "acall")
     return await bound._invoker.ainvoke(bound._name, args, kwargs, bound._timeout)
+
+
+@overload
+def astream(
+    method: Callable[P, AsyncIterator[R]], /, *args: P.args, **kwargs: P.kwargs
+) -> AsyncIterator[R]: ...
+@overload
+def astream(
+    method: Callable[P, Iterator[R]], /, *args: P.args, **kwargs: P.kwargs
+) -> AsyncIterator[R]: ...
+def astream(method: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[Any]:
+    """Iterate a streaming proxy method (a generator or async generator method) from
+    async code, with the same flow control as a sync iterator.
+
+    Example::
+
+        async for row in pipe_rpc.astream(db.rows, "select ..."):
+            ...
+
+    Closing the async iterator (``aclose()``, leaving ``async for`` early) stops the
+    child's generator; a cancelled wait does too.
+
+    Raises:
+        TypeError: ``method`` is not a method of a pipe_rpc proxy.
+    """
+    bound = _method_of(method, "astream")
+    return bound._invoker.astream(bound._name, args, kwargs, bound._timeout)
 
 
 async def aspawn(

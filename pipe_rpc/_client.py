@@ -18,6 +18,7 @@ from ._errors import PipeRPCError
 from ._liveness import HasSentinel, PeerMonitor
 from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, check_timeout
+from ._stream import RemoteAsyncIterator, RemoteIterator, StreamCall
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -89,6 +90,37 @@ class Client(Generic[T]):
         if timeout is DEFAULT:
             timeout = self.timeout
         return submit_call(self._core, method, args, kwargs, timeout)
+
+    def stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_error: Callable[[BaseException], None] = lambda exc: None,
+    ) -> RemoteIterator:
+        """Call a generator method: an iterator of its items, as they come."""
+        call, call_id, timeout = self._start_stream(method, args, kwargs, timeout)
+        return RemoteIterator(self._core, call, call_id, timeout, on_error)
+
+    def astream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_error: Callable[[BaseException], None] = lambda exc: None,
+    ) -> RemoteAsyncIterator:
+        """Call a generator or async generator method: an async iterator of its items."""
+        call, call_id, timeout = self._start_stream(method, args, kwargs, timeout)
+        return RemoteAsyncIterator(self._core, call, call_id, timeout, on_error)
+
+    def _start_stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> tuple[StreamCall, int, float | None]:
+        call = StreamCall(method)
+        call_id = self._core.start_stream(call, args, kwargs)
+        return call, call_id, self.timeout if timeout is DEFAULT else timeout
 
     def kind(self, name: str) -> Kind:
         """What ``name`` is in the service (from the server's hello, or asked once)."""

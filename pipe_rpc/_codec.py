@@ -39,12 +39,15 @@ from ._messages import (
     HELLO_MAGIC,
     PROTOCOL_VERSION,
     Call,
+    Cancel,
     Channel,
+    Credit,
     Describe,
     Fail,
     FailKind,
     Get,
     Hello,
+    Items,
     Kind,
     Message,
     OpenChannel,
@@ -74,6 +77,7 @@ if TYPE_CHECKING:
 # import is a millisecond of spawn().
 
 _HELLO = struct.Struct("!HI")
+_COUNT64 = struct.Struct("!Q")
 # The tags as plain ints for the hot paths (comparing with an IntEnum member is slower).
 CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
 #: A ``bytes`` argument or result this long is written out of band, not copied into the pickle.
@@ -225,6 +229,13 @@ class Codec:
             if message.kinds:  # plain data: a dict of str to int
                 payload += pickle.dumps({k: int(v) for k, v in message.kinds.items()}, 5)
             return frame(Tag.HELLO, 0, payload, [])
+        if isinstance(message, Items):
+            payload = _COUNT64.pack(message.seq) + dumps(message.items, what="stream items")
+            return frame(Tag.ITEMS, message.call_id, payload, [])
+        if isinstance(message, Credit):
+            return frame(Tag.CREDIT, message.call_id, _COUNT64.pack(message.frames), [])
+        if isinstance(message, Cancel):
+            return frame(Tag.CANCEL, message.call_id, b"", [])
         if isinstance(message, Get | Describe):
             tag = Tag.GET if isinstance(message, Get) else Tag.DESCRIBE
             return frame(tag, message.call_id, message.name.encode(), [])
@@ -348,6 +359,20 @@ class Codec:
             return StartupFailed(self._decode_exception(call_id, payload))
         if raw_tag == Tag.HELLO:
             return self._decode_hello(payload)
+        if raw_tag == Tag.ITEMS:
+            if len(payload) < _COUNT64.size:
+                raise ProtocolError("an items frame without its sequence number")
+            (seq,) = _COUNT64.unpack_from(payload)
+            items = self._loads(call_id, payload[_COUNT64.size :], buffers, "stream items")
+            if type(items) is not list:
+                raise ProtocolError(f"stream items came as {type(items).__name__}, not a list")
+            return Items(call_id, seq, items)
+        if raw_tag in (Tag.CREDIT, Tag.CANCEL):
+            if raw_tag == Tag.CANCEL:
+                return Cancel(call_id)
+            if len(payload) != _COUNT64.size:
+                raise ProtocolError("a credit frame of the wrong size")
+            return Credit(call_id, _COUNT64.unpack_from(payload)[0])
         if raw_tag in (Tag.GET, Tag.DESCRIBE):
             try:
                 name = bytes(payload).decode()

@@ -79,7 +79,7 @@ from ._liveness import (
     register_holder,
     wait_exitcode,
 )
-from ._messages import Channel, Describe, Get, Kind, OpenChannel, Shutdown
+from ._messages import Cancel, Channel, Credit, Describe, Get, Kind, OpenChannel, Shutdown
 from ._protocol import ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
 from ._transport import (
@@ -311,6 +311,43 @@ class Connection:
             except RuntimeError:  # this thread did not hold it
                 pass
 
+    def start_stream(self, call: PendingCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """Register and send a call of a generator method (``call`` takes its items).
+
+        Streams go on the pipe, whatever the thread: their credit and cancel frames
+        follow on it.
+        """
+        self.check_usable()
+        call_id = 0
+        try:
+            call_id, frame = self.protocol.start(call.method, args, kwargs, call)
+            self._send(frame, None)
+        except BaseException:
+            if call_id:
+                self.abandon(call_id)
+            raise
+        return call_id
+
+    def wait_for(self, call: PendingCall, deadline: float | None) -> None:
+        """Wait on the pipe until ``call`` has something (``done``), its deadline passed,
+        or the connection broke."""
+        self._wait_pipe(call, deadline)
+
+    def control(self, message: Credit | Cancel) -> None:
+        """Send a stream's credit or cancel; on a dead connection there is nothing to do."""
+        if self.broken is not None:
+            return
+        frame = self.protocol.codec.encode(message)
+        try:
+            self._send(frame, time.monotonic() + 5.0)
+        except WriteTimeout:
+            pass
+
+    def fresh_broken(self) -> PipeRPCError:
+        """A fresh copy of why the connection is dead (it must be)."""
+        assert self.broken is not None
+        return fresh_error(self.broken)
+
     def read_nowait(self, ended: bool = False) -> None:
         """Read what the pipe has and settle its calls, unless a leader is reading (then
         it does): for an event loop told that the pipe, or with ``ended`` the server
@@ -455,6 +492,8 @@ class Connection:
             try:
                 if not pipe.ready:  # frames left by an interrupted leader go first
                     pipe.read(left, alone)
+                if len(pipe.ready) > 1:  # replies of others' calls came too
+                    self.lanes.local.contended = True
                 self._hand_out(pipe)
             except _IO_ERRORS as exc:
                 self._io_failed(exc, pipe)

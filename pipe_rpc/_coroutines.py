@@ -10,7 +10,7 @@ the channel's lock. asyncio is imported only by a child that has such a method.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,6 +55,21 @@ class CoroutineRunner:
                     exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
                 ok, value = False, exc
         self._finish(channel, call, ok, value)
+
+    def steps(self, agen: AsyncGenerator[Any, Any]) -> Generator[Any, None, None]:
+        """A generator that steps ``agen`` on the runner's loop, one item at a time, for
+        the server loop's streams (which advance generators between other work)."""
+        asyncio = self._asyncio
+        try:
+            while True:
+                step = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                try:
+                    yield step.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            closing = asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop)
+            closing.result(5.0)
 
     def stop(self) -> None:
         """Stop the loop (the child is ending); coroutines still running are dropped."""

@@ -31,6 +31,9 @@ class Tag(enum.IntEnum):
     CHANNEL = 9
     GET = 10
     DESCRIBE = 11
+    ITEMS = 12
+    CREDIT = 13
+    CANCEL = 14
 
 
 class Kind(enum.IntEnum):
@@ -209,8 +212,44 @@ class Describe(_Record):
         self.name = name
 
 
+class Items(_Record):
+    """Items a generator method yielded, in order; ``seq`` numbers a stream's frames from 1.
+
+    A stream ends with the call's ``Return`` (its value is ignored) or ``Raise``.
+    """
+
+    __slots__ = ("call_id", "seq", "items")  # noqa: RUF023 (the order of the fields)
+
+    def __init__(self, call_id: int, seq: int, items: list[Any]) -> None:
+        self.call_id = call_id
+        self.seq = seq
+        self.items = items
+
+
+class Credit(_Record):
+    """The consumer of stream ``call_id`` took every item of ``frames`` more frames."""
+
+    __slots__ = ("call_id", "frames")
+
+    def __init__(self, call_id: int, frames: int) -> None:
+        self.call_id = call_id
+        self.frames = frames
+
+
+class Cancel(_Record):
+    """Stop stream ``call_id``: the consumer is gone (the generator is closed)."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
 Message = (
-    Hello
+    Items
+    | Credit
+    | Cancel
+    | Hello
     | Call
     | Get
     | Describe

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
@@ -668,6 +668,29 @@ class Server(Generic[T]):
             cancelled = CallTimeoutError(f"{method}() was cancelled")
             future.on_cancel.append(functools.partial(self._failed, child, cancelled, method))
         return future
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """Call a generator method in the child: an iterator of its items (the proxy's way
+        in). A wait for an item that times out acts as ``on_timeout`` says."""
+        child = self._child_for_call()
+        return child.client.stream(
+            method, args, kwargs, timeout, functools.partial(self._stream_failed, child, method)
+        )
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Call a generator or async generator method: an async iterator of its items."""
+        child = self._child_for_call()
+        return child.client.astream(
+            method, args, kwargs, timeout, functools.partial(self._stream_failed, child, method)
+        )
+
+    def _stream_failed(self, child: _Child, method: str, exc: BaseException) -> None:
+        if isinstance(exc, CallTimeoutError | ProtocolError):
+            self._failed(child, exc, method)
 
     def kind(self, name: str) -> Kind:
         """What ``name`` is in the service (the proxy's way to answer an attribute)."""

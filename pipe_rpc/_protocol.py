@@ -69,12 +69,15 @@ from ._codec import CALL, RETURN, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import (
     Call,
+    Cancel,
     Channel,
+    Credit,
     Describe,
     Fail,
     FailKind,
     Get,
     Hello,
+    Items,
     Kind,
     Message,
     OpenChannel,
@@ -200,6 +203,8 @@ class ClientProtocol(Generic[S]):
             return
         if self.peer is None or isinstance(message, Hello):
             self._first(message)
+        elif isinstance(message, Items):
+            self._feed(message)
         elif isinstance(message, Return):
             self._settle(message.call_id, True, message.value)
         elif isinstance(message, Raise):
@@ -219,6 +224,17 @@ class ClientProtocol(Generic[S]):
         slot.settle(ok, value)
         with self._lock:  # after the outcome: an interrupt before this line leaves a repeat
             self._pending.pop(call_id, None)
+
+    def _feed(self, message: Items) -> None:
+        """Items of a stream: its slot takes them and stays in the table."""
+        slot = self._pending.get(message.call_id)
+        if slot is None:
+            self._settle(message.call_id, True, None)  # late, or never made
+            return
+        feed = getattr(slot, "feed", None)
+        if feed is None:
+            raise ProtocolError(f"the peer streamed items for call {message.call_id}, not a stream")
+        feed(message.seq, message.items)
 
     def _first(self, message: Message) -> None:
         if isinstance(message, Hello):
@@ -272,7 +288,7 @@ class ServerProtocol:
 
     def receive(
         self, body: Body
-    ) -> Call | Get | Describe | Shutdown | Fail | OpenChannel | Channel | None:
+    ) -> Call | Get | Describe | Credit | Cancel | Shutdown | Fail | OpenChannel | Channel | None:
         """Take one frame body: a call to run, a request, a ``Fail`` to send back, or nothing.
 
         Raises:
@@ -300,7 +316,9 @@ class ServerProtocol:
                 )
             self.peer = message
             return None
-        if isinstance(message, Call | Get | Describe | Shutdown | OpenChannel | Channel):
+        if isinstance(message, Call | Get | Describe | Credit | Cancel | Shutdown):
+            return message
+        if isinstance(message, OpenChannel | Channel):
             return message
         raise ProtocolError(f"a server does not accept {type(message).__name__} messages")
 

@@ -15,6 +15,7 @@ from ._errors import PipeRPCError
 from ._messages import Kind
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
     from concurrent.futures import Future
 
 T = TypeVar("T")
@@ -77,6 +78,18 @@ class Invoker(Protocol):
         """``invoke`` whose outcome completes a future; returns once the call is sent."""
         ...
 
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """Call a generator method: an iterator of its items, as they come."""
+        ...
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Call a generator or async generator method: an async iterator of its items."""
+        ...
+
 
 class _Method:
     """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
@@ -109,6 +122,24 @@ class _AsyncMethod(_Method):
         return f"<remote async method {self._name}>"
 
 
+class _StreamMethod(_Method):
+    """A bound remote generator method: calling it gives an iterator, as its type says."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.stream(self._name, args, kwargs, self._timeout)
+
+
+class _AsyncStreamMethod(_Method):
+    """A bound remote async generator method: calling it gives an async iterator."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.astream(self._name, args, kwargs, self._timeout)
+
+
 class Proxy:
     """Turns attribute calls into remote calls; underscore names are answered locally."""
 
@@ -126,8 +157,7 @@ class Proxy:
         kind = invoker.kind(name)
         if kind in _READ:  # a fresh value at each read: one round trip
             return invoker.get(name, self._pipe_rpc_timeout)
-        kind_of_method = _AsyncMethod if kind is Kind.ASYNC else _Method
-        method = kind_of_method(invoker, name, self._pipe_rpc_timeout)
+        method = _METHODS.get(kind, _Method)(invoker, name, self._pipe_rpc_timeout)
         object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
         return method
 
@@ -140,6 +170,13 @@ class Proxy:
     _pipe_rpc_invoker: Invoker
     _pipe_rpc_timeout: float | None
 
+
+#: What a proxy hands out for each kind of method.
+_METHODS: dict[Kind, type[_Method]] = {
+    Kind.ASYNC: _AsyncMethod,
+    Kind.GENERATOR: _StreamMethod,
+    Kind.ASYNC_GENERATOR: _AsyncStreamMethod,
+}
 
 #: The kinds of names a proxy reads instead of calling.
 _READ = frozenset({Kind.PROPERTY, Kind.ATTRIBUTE})

@@ -16,7 +16,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast
@@ -131,6 +131,19 @@ class RayPool(Generic[T]):
         future = self._members[member].submit(method, args, kwargs, timeout)
         future.add_done_callback(lambda _: self._release(member))
         return future
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """A generator method on the least busy actor."""
+        member = self._take()
+        self._release(member)  # a stream is not counted as a call in flight
+        return self._members[member].stream(method, args, kwargs, timeout)
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        return self._members[0].astream(method, args, kwargs, timeout)
 
     def _method(self, method: Callable[..., Any]) -> tuple[str, float | None]:
         """The name and timeout of a bound method of this pool's proxy."""

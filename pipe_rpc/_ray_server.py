@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, Literal, NoReturn, TypeVar, cast
@@ -308,6 +308,18 @@ class RayServer(Server[T]):
             timeout = self.timeout
         actor, ref = self._submit(method, args, kwargs)
         return self._finish(actor, method, ref, timeout)
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """A generator method through Ray's streaming generators (the proxy's way in)."""
+        return self._stream(method, args, kwargs, timeout)
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Not yet on Ray: iterate the sync stream instead."""
+        raise TypeError(f"{method}(): async iteration of a stream is not supported on Ray yet")
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """``close()`` without blocking the event loop (it runs on a worker thread)."""

@@ -21,15 +21,27 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
-from types import CoroutineType
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any
 
 from ._codec import Codec
 from ._coroutines import CoroutineRunner
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
-from ._messages import Call, Describe, Fail, FailKind, Get, Kind, OpenChannel, Shutdown
+from ._messages import (
+    Call,
+    Cancel,
+    Credit,
+    Describe,
+    Fail,
+    FailKind,
+    Get,
+    Kind,
+    OpenChannel,
+    Shutdown,
+)
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
+from ._streams import Streams
 from ._transport import (
     PeerGone,
     Poller,
@@ -80,6 +92,7 @@ class Dispatcher:
     def __init__(self, service: object) -> None:
         self.service = service
         self._methods: dict[str, Callable[..., Any]] = {}
+        self._kinds: dict[str, Kind] = {}
 
     def lookup(self, name: str) -> Callable[..., Any]:
         """The bound method ``name``, or ``MethodNotFoundError`` having run nothing.
@@ -132,6 +145,16 @@ class Dispatcher:
         if flags & _CO_GENERATOR:
             return Kind.GENERATOR
         return Kind.METHOD
+
+    def streams(self, call: Call | Get) -> bool:
+        """Does ``call`` open a stream (a generator method)? Such calls run on the loop's
+        thread, which advances every stream."""
+        if type(call) is not Call:
+            return False
+        kind = self._kinds.get(call.method)
+        if kind is None:
+            kind = self._kinds[call.method] = self.kind(call.method)
+        return kind in (Kind.GENERATOR, Kind.ASYNC_GENERATOR)
 
     def kinds(self) -> dict[str, Kind]:
         """The kind of every public name of the service, for the server's hello."""
@@ -368,6 +391,8 @@ class _Loop:
         self.max_concurrency = max_concurrency
         #: Runs the coroutines of ``async def`` methods, from the first such call on.
         self.coroutines: CoroutineRunner | None = None
+        #: The open streams of generator methods, advanced between other work.
+        self.streams = Streams(_send_locked)
         if max_concurrency > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -385,19 +410,43 @@ class _Loop:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             if self.coroutines is not None:
                 self.coroutines.stop()
+            self.streams.close_all()
             for channel in self.side.values():
                 channel.close()
             for fd in self.main.transport.fds or ():
                 os.close(fd)
 
     def step(self) -> bool:
-        """Read once and answer what came; False once the peer is done."""
+        """Read once and answer what came, then advance open streams; False once the
+        peer is done. With a stream that has room in its window, nothing waits."""
+        if self.streams.runnable():
+            if not self._read_without_waiting():
+                return False
+            self.streams.advance()
+            return True
         if self.poller is None:  # the pipe alone
             return self.answer(self.main, self.main.transport.read_blocking())
         for transport in self.poller.wait():
             channel = self.side.get(transport.fd, self.main)
             try:
                 transport.read_available()
+            except PeerGone:
+                if channel is self.main:
+                    return False
+                self.drop(channel)
+                continue
+            bodies = transport.take()
+            if bodies and not self.answer(channel, bodies):
+                return False
+        return True
+
+    def _read_without_waiting(self) -> bool:
+        """``step()``'s reading, for when streams are waiting to be advanced."""
+        channels = [self.main, *self.side.values()]
+        for channel in channels:
+            transport = channel.transport
+            try:
+                transport.read(0, spin=False)
             except PeerGone:
                 if channel is self.main:
                     return False
@@ -437,6 +486,9 @@ class _Loop:
                 return True
             if isinstance(message, Shutdown):
                 return False
+            if isinstance(message, Credit | Cancel):
+                self.streams.control(message)
+                return True
             channel.send(self.request(channel, message))
             return True
         out: list[Buffer] = []
@@ -445,8 +497,11 @@ class _Loop:
                 message = protocol.receive(body)
                 if message is None:
                     continue
+                if isinstance(message, Credit | Cancel):
+                    self.streams.control(message)
+                    continue
                 if isinstance(message, Call | Get):
-                    if self.pool is not None:
+                    if self.pool is not None and not self.dispatcher.streams(message):
                         self.pool.submit(self.run_and_reply, channel, message)
                         continue
                     started = time.perf_counter()
@@ -470,10 +525,14 @@ class _Loop:
         """Run ``call`` and return its reply, or ``None`` if it goes on as a coroutine
         (an ``async def`` method), whose reply the coroutine runner sends."""
         ok, value = self.dispatcher.run(call)
+        if ok and type(value) in (GeneratorType, AsyncGeneratorType):
+            assert type(call) is Call
+            if type(value) is AsyncGeneratorType:
+                value = self._coroutine_runner().steps(value)
+            self.streams.start(channel, call, value)
+            return None
         if ok and type(value) is CoroutineType:
-            if self.coroutines is None:
-                self.coroutines = CoroutineRunner(self.max_concurrency, _send_reply)
-            self.coroutines.start(channel, call, value)
+            self._coroutine_runner().start(channel, call, value)
             return None
         try:
             return reply(channel.protocol, call, ok, value)
@@ -561,6 +620,11 @@ class _Loop:
         if not self.side:
             self.poller = None
 
+    def _coroutine_runner(self) -> CoroutineRunner:
+        if self.coroutines is None:
+            self.coroutines = CoroutineRunner(self.max_concurrency, _send_reply)
+        return self.coroutines
+
     def run_and_reply(self, channel: _Channel, call: Call | Get) -> None:
         frame = self.run_call(channel, call)
         if frame is not None:
@@ -568,6 +632,13 @@ class _Loop:
                 channel.send(frame)
             except PeerGone:
                 pass
+
+
+def _send_locked(channel: _Channel, frame: list[Buffer]) -> None:
+    try:
+        channel.send(frame)
+    except PeerGone:
+        pass
 
 
 def _send_reply(channel: _Channel, call: Call | Get, ok: bool, value: Any) -> None:

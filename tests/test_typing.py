@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import pickle
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import cloudpickle
@@ -67,6 +68,12 @@ class Fetcher:
     @property
     def size(self) -> int:
         return 0
+
+    def pages(self, n: int) -> Iterator[bytes]:
+        yield b""
+
+    async def events(self) -> AsyncIterator[str]:
+        yield ""
 '''
 
 
@@ -366,6 +373,34 @@ REVEALS += [
             reveal_type(fetcher.count)
         """,
         revealed=r"int",
+    ),
+]
+
+REVEALS += [
+    # Streaming (contract section 8)
+    Case(
+        "generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.pages(3))
+        """,
+        revealed=r"typing\.Iterator\[bytes\]|collections\.abc\.Iterator\[bytes\]",
+    ),
+    Case(
+        "astream_generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(pipe_rpc.astream(fetcher.pages, 3))
+        """,
+        revealed=r"(typing|collections\.abc)\.AsyncIterator\[bytes\]",
+    ),
+    Case(
+        "async_generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.events())
+        """,
+        revealed=r"(typing|collections\.abc)\.AsyncIterator\[str\]",
     ),
 ]
 
