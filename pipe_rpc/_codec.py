@@ -25,6 +25,7 @@ Untrusted peers are decoded by ``_untrusted.restricted_loads`` instead of
 from __future__ import annotations
 
 import builtins
+import io
 import linecache
 import os
 import pickle
@@ -114,14 +115,44 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         pass
     if buffers is not None:
         buffers.clear()
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(obj, 5, buffer_callback=callback)
+        return _cloudpickle_dumps(obj, callback)
     except KeyboardInterrupt:
         raise
+    except _OpenFileError as exc:
+        raise SerializationError(
+            f"{what} could not be pickled: it holds an open file ({exc}); "
+            "send its contents or its path instead"
+        ) from None
     except BaseException as exc:
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
+
+
+class _OpenFileError(TypeError):
+    """An open file object met while pickling: never sent as a value."""
+
+
+def _cloudpickle_dumps(obj: object, callback: Any) -> bytes:
+    """``cloudpickle.dumps``, refusing open files (it would send a text file's
+    contents as a ``StringIO`` and leave the file open where it was)."""
+    global _Pickler
+    if _Pickler is None:
+        import cloudpickle
+
+        class _RefusingPickler(cloudpickle.Pickler):
+            def reducer_override(self, value: Any) -> Any:
+                if isinstance(value, io.IOBase):
+                    raise _OpenFileError(repr(value))
+                return super().reducer_override(value)
+
+        _Pickler = _RefusingPickler
+    out = io.BytesIO()
+    _Pickler(out, 5, buffer_callback=callback).dump(obj)
+    return out.getvalue()
+
+
+#: cloudpickle's pickler that refuses open files, made when first needed.
+_Pickler: Any = None
 
 
 #: Argument types whose pickle holds neither a global nor an out-of-band buffer.

@@ -650,11 +650,14 @@ class Connection:
                 f"the connection to server process {pid} was lost ({reason}), "
                 "but the process has not exited"
             )
+        methods = tuple(dict.fromkeys(s.method for s in self.protocol.slots() if s.method))
+        running = f" while running {', '.join(f'{m}()' for m in methods)}" if methods else ""
         hint = self.death_hint(exitcode)
         return WorkerDiedError(
-            f"server process {pid} {describe_exitcode(exitcode)}{hint}",
+            f"server process {pid} {describe_exitcode(exitcode)}{running}{hint}",
             exitcode=exitcode,
             stderr_tail=self.death_tail(),
+            methods=methods,
         )
 
     def close(self) -> None:

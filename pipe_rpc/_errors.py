@@ -81,12 +81,21 @@ class WorkerDiedError(ConnectionLostError):
         exitcode: its exit code (negative for a signal).
         stderr_tail: the last lines it wrote to its standard error (at most 4 KiB),
             ``""`` if none or if it was not started by ``spawn()``.
+        methods: the names of the methods that were in flight when it died.
     """
 
-    def __init__(self, message: str, *, exitcode: int | None = None, stderr_tail: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        stderr_tail: str = "",
+        methods: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.stderr_tail = stderr_tail
+        self.methods = methods
 
 
 class ClientClosedError(PipeRPCError):

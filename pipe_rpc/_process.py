@@ -53,7 +53,7 @@ from ._liveness import (
 )
 from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
-from ._scripts import main_for_children
+from ._scripts import main_for_children, missing_guard_message, unguarded_main_call
 from ._server import check_max_concurrency, serve
 from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
@@ -564,6 +564,8 @@ class Server(Generic[T]):
             ) from None
         except PipeRPCError as exc:
             child.stop(graceful=0)
+            if self._method != "fork" and (where := unguarded_main_call()) is not None:
+                raise StartupError(missing_guard_message(where, str(exc))) from None
             raise StartupError(f"the child failed while starting: {exc}") from exc
         if previous is None:
             _log().info("server process %d started (start method %s)", child.pid, self._method)

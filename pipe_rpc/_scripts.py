@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 __all__ = ["main_for_children"]
 
@@ -65,3 +66,62 @@ def _as_multiprocessing_finds(path: str) -> str:
     if not os.path.isabs(path) and original is not None:
         return os.path.join(original, path)
     return path
+
+
+def unguarded_main_call() -> tuple[str, int] | None:
+    """Where the main script's top level starts a child outside an
+    ``if __name__ == "__main__":`` block, as ``(file, line)``; ``None`` if it does not.
+
+    Under ``spawn`` and ``forkserver`` each child imports the main script again, so
+    such a script makes its child start a child of its own while it bootstraps,
+    which multiprocessing refuses: the child exits before it says hello. Only
+    looked at once a child has failed to start.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__":
+            break
+        frame = frame.f_back
+    if frame is None:
+        return None
+    path = frame.f_code.co_filename
+    line = frame.f_lineno
+    try:
+        import ast
+
+        with open(path, encoding="utf-8") as source:
+            tree = ast.parse(source.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            last = node.body[-1].end_lineno or node.body[-1].lineno
+            if node.body[0].lineno <= line <= last:
+                return None
+    return path, line
+
+
+def _is_main_test(test: object) -> bool:
+    import ast
+
+    if not isinstance(test, ast.Compare) or len(test.ops) != 1:
+        return False
+    if not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, *test.comparators]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    mains = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(mains) == 1
+
+
+def missing_guard_message(where: tuple[str, int], died: str) -> str:
+    """A ``StartupError`` message for a script with no main guard."""
+    path, line = where
+    return (
+        f"the main script starts a child when it is imported ({path}, line {line}): "
+        "put that code under the main guard\n"
+        '    if __name__ == "__main__":\n'
+        "        ...  # the code that starts children\n"
+        "Under the spawn and forkserver start methods every child imports the main "
+        f"script again, and would start a child of its own ({died})."
+    )

@@ -130,7 +130,8 @@ def test_a_sigkilled_child_leaves_what_it_wrote(noisy: pipe_rpc.Server[Noisy]) -
     assert error.exitcode == -signal.SIGKILL
     assert error.stderr_tail == "last words before SIGKILL\n"
     assert str(error) == (
-        f"server process {pid} killed by SIGKILL; its standard error ended with:\n"
+        f"server process {pid} killed by SIGKILL while running write_then_sigkill(); "
+        "its standard error ended with:\n"
         "  last words before SIGKILL"
     )
     later = died(lambda: noisy.proxy.add(1, 2))  # a call to the dead child: the same tail
@@ -145,7 +146,8 @@ def test_a_child_that_wrote_nothing_has_an_empty_tail_and_a_plain_message(
     error = died(lambda: noisy.proxy.write_then_exit("", 0))
     assert error.exitcode == 0
     assert error.stderr_tail == ""
-    assert str(error) == f"server process {pid} exited with code 0"
+    assert str(error) == f"server process {pid} exited with code 0 while running write_then_exit()"
+    assert error.methods == ("write_then_exit",)
 
 
 def test_the_tail_is_the_last_4_kib_from_the_start_of_a_line() -> None:
