@@ -2,7 +2,9 @@
 
 The service below segfaults its process on purpose. Because it runs in a child,
 the parent survives: the call raises ``WorkerDiedError`` naming the signal, and
-with ``restart="on-failure"`` the next call goes to a fresh child.
+with ``restart="on-failure"`` the next call goes to a fresh child. The child's
+standard error reaches ours, and its end is kept on the error: the child runs
+``faulthandler``, so the Python stack of the crash is there.
 
 Run it from the repository root::
 
@@ -41,9 +43,11 @@ def main() -> None:
         try:
             service.crash()
         except pipe_rpc.WorkerDiedError as exc:
-            # exitcode is negative for a signal, as in multiprocessing.
-            print(f"call failed: {exc}")
+            # exitcode is negative for a signal, as in multiprocessing. The message
+            # goes on with the last lines of the child's stderr (the stack).
+            print(f"call failed: {str(exc).splitlines()[0]}")
             print(f"exitcode: {exc.exitcode}")
+            print(f"the stack names crash(): {'in crash' in exc.stderr_tail}")
 
         second = service.pid()  # a fresh child answers
         print(f"second child pid: {second}")

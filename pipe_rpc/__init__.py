@@ -21,10 +21,12 @@ from ._proxy import options
 from ._server import serve
 
 if _typing.TYPE_CHECKING:
+    from ._aio import acall, aspawn, astream, submit
     from ._limits import Limits
     from ._pool import Pool, pool
+    from ._safe_types import SAFE_TYPES
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "CallTimeoutError",
     "Client",
     "ClientClosedError",
@@ -36,14 +38,19 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "SAFE_TYPES",
     "SerializationError",
     "Server",
     "StartupError",
     "WorkerDiedError",
+    "acall",
+    "aspawn",
+    "astream",
     "options",
     "pool",
     "serve",
     "spawn",
+    "submit",
 ]
 
 
@@ -59,6 +66,19 @@ def __getattr__(name: str) -> object:
         from . import _pool
 
         return getattr(_pool, name)
+    if name in (
+        "acall",
+        "aspawn",
+        "astream",
+        "submit",
+    ):  # asyncio and concurrent.futures: not in a child
+        from . import _aio
+
+        return getattr(_aio, name)
+    if name == "SAFE_TYPES":  # imports pathlib, decimal and more: only for untrusted children
+        from ._safe_types import SAFE_TYPES
+
+        return SAFE_TYPES
     raise AttributeError(f"module 'pipe_rpc' has no attribute {name!r}")
 
 

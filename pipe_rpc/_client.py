@@ -10,13 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection as Pipe
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._codec import Codec
 from ._connection import Connection
 from ._errors import PipeRPCError
 from ._liveness import HasSentinel, PeerMonitor
+from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, check_timeout
+from ._stream import RemoteAsyncIterator, RemoteIterator, StreamCall
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+# The asyncio and futures front-ends (``_aio``) are imported when first used: a
+# child imports this module, and asyncio or concurrent.futures would cost its start.
 
 T = TypeVar("T")
 
@@ -63,6 +71,65 @@ class Client(Generic[T]):
             timeout = self.timeout
         return self._core.call(method, args, kwargs, timeout)
 
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop, without blocking it."""
+        from ._aio import call_async
+
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        return await call_async(self._core, method, args, kwargs, timeout)
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future; returns once the call is sent."""
+        from ._aio import submit_call
+
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        return submit_call(self._core, method, args, kwargs, timeout)
+
+    def stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_error: Callable[[BaseException], None] = lambda exc: None,
+    ) -> RemoteIterator:
+        """Call a generator method: an iterator of its items, as they come."""
+        call, call_id, timeout = self._start_stream(method, args, kwargs, timeout)
+        return RemoteIterator(self._core, call, call_id, timeout, on_error)
+
+    def astream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_error: Callable[[BaseException], None] = lambda exc: None,
+    ) -> RemoteAsyncIterator:
+        """Call a generator or async generator method: an async iterator of its items."""
+        call, call_id, timeout = self._start_stream(method, args, kwargs, timeout)
+        return RemoteAsyncIterator(self._core, call, call_id, timeout, on_error)
+
+    def _start_stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> tuple[StreamCall, int, float | None]:
+        call = StreamCall(method)
+        call_id = self._core.start_stream(call, args, kwargs)
+        return call, call_id, self.timeout if timeout is DEFAULT else timeout
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (from the server's hello, or asked once)."""
+        return self._core.kind(name)
+
+    def get(self, name: str, timeout: float | None = DEFAULT) -> Any:
+        """Read the service's public property or data attribute ``name``."""
+        return self._core.get(name, self.timeout if timeout is DEFAULT else timeout)
+
     def close(self) -> None:
         """Ask the server to stop, fail calls in flight (``ClientClosedError``), close the pipe."""
         self._core.close()
@@ -103,6 +170,15 @@ class Client(Generic[T]):
     @death_hint.setter
     def death_hint(self, hint: Callable[[int], str]) -> None:
         self._core.death_hint = hint
+
+    @property
+    def death_tail(self) -> Callable[[], str]:
+        """The dead child's last standard error, for ``WorkerDiedError.stderr_tail``."""
+        return self._core.death_tail
+
+    @death_tail.setter
+    def death_tail(self, tail: Callable[[], str]) -> None:
+        self._core.death_tail = tail
 
     def __enter__(self) -> Client[T]:
         return self

@@ -25,6 +25,7 @@ Untrusted peers are decoded by ``_untrusted.restricted_loads`` instead of
 from __future__ import annotations
 
 import builtins
+import io
 import linecache
 import os
 import pickle
@@ -32,17 +33,23 @@ import reprlib
 import struct
 import traceback
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, SerializationError
 from ._messages import (
     HELLO_MAGIC,
     PROTOCOL_VERSION,
     Call,
+    Cancel,
     Channel,
+    Credit,
+    Describe,
     Fail,
     FailKind,
+    Get,
     Hello,
+    Items,
+    Kind,
     Message,
     OpenChannel,
     Raise,
@@ -63,11 +70,15 @@ from ._wire import (
     split_out_of_band,
 )
 
+if TYPE_CHECKING:
+    from ._by_reference import ByReference
+
 # cloudpickle and the restricted unpickler are imported when first needed: a child
 # started by spawn or forkserver imports this module, and every millisecond of
 # import is a millisecond of spawn().
 
 _HELLO = struct.Struct("!HI")
+_COUNT64 = struct.Struct("!Q")
 # The tags as plain ints for the hot paths (comparing with an IntEnum member is slower).
 CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
 #: A ``bytes`` argument or result this long is written out of band, not copied into the pickle.
@@ -96,16 +107,52 @@ def dumps(obj: object, *, what: str, buffers: list[pickle.PickleBuffer] | None =
         data = pickle.dumps(obj, 5, buffer_callback=callback)
         if not _names_main(data):
             return data
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except (
+        BaseException
+    ):  # a __reduce__ may raise anything: GeneratorExit, a BaseException of its own
         pass
     if buffers is not None:
         buffers.clear()
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except (Exception, SystemExit) as exc:
+        return _cloudpickle_dumps(obj, callback)
+    except KeyboardInterrupt:
+        raise
+    except _OpenFileError as exc:
+        raise SerializationError(
+            f"{what} could not be pickled: it holds an open file ({exc}); "
+            "send its contents or its path instead"
+        ) from None
+    except BaseException as exc:
         raise SerializationError(f"{what} could not be pickled: {exc!r}") from exc
+
+
+class _OpenFileError(TypeError):
+    """An open file object met while pickling: never sent as a value."""
+
+
+def _cloudpickle_dumps(obj: object, callback: Any) -> bytes:
+    """``cloudpickle.dumps``, refusing open files (it would send a text file's
+    contents as a ``StringIO`` and leave the file open where it was)."""
+    global _Pickler
+    if _Pickler is None:
+        import cloudpickle
+
+        class _RefusingPickler(cloudpickle.Pickler):
+            def reducer_override(self, value: Any) -> Any:
+                if isinstance(value, io.IOBase):
+                    raise _OpenFileError(repr(value))
+                return super().reducer_override(value)
+
+        _Pickler = _RefusingPickler
+    out = io.BytesIO()
+    _Pickler(out, 5, buffer_callback=callback).dump(obj)
+    return out.getvalue()
+
+
+#: cloudpickle's pickler that refuses open files, made when first needed.
+_Pickler: Any = None
 
 
 #: Argument types whose pickle holds neither a global nor an out-of-band buffer.
@@ -131,7 +178,9 @@ def _fast_frame(
     buffers: list[pickle.PickleBuffer] = []
     try:
         payload = pickle.dumps(obj, 5, buffer_callback=buffers.append)
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # a __reduce__ may raise anything: dumps() below reports it
         payload = b"__main__"  # take the full path below
     size = len(payload) + BODY_HEAD_SIZE
     if size <= MAIN_SCAN_LIMIT and not buffers and payload.find(b"__main__") < 0:
@@ -157,14 +206,25 @@ class Codec:
 
     Args:
         untrusted: decode every payload with the restricted unpickler.
-        allowed_types: with ``untrusted``, the extra types a payload may build.
+        allowed_types: with ``untrusted``, the extra types a payload may build; with
+            ``by_reference``, the types the peer allows.
+        by_reference: the peer decodes what this side sends with the restricted
+            unpickler (it started us with ``untrusted=True``): replies are pickled
+            with every global by name, and only allowed ones (see
+            ``encode_reply_by_reference``).
     """
 
-    def __init__(self, *, untrusted: bool = False, allowed_types: Iterable[type] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        untrusted: bool = False,
+        allowed_types: Iterable[type] = (),
+        by_reference: bool = False,
+    ) -> None:
         self.untrusted = untrusted
         self._allowed: Mapping[tuple[str, str], object] = {}
         self._allowed_errors: Mapping[tuple[str, str], object] = {}
-        if untrusted:
+        if untrusted or by_reference:
             from ._untrusted import allowed_globals
 
             self._allowed = allowed_globals(allowed_types)
@@ -172,6 +232,13 @@ class Codec:
                 **self._allowed,
                 **{("builtins", e.__qualname__): e for e in _BUILTIN_EXCEPTIONS},
             }
+        self.by_reference: ByReference | None = None
+        self._errors_by_reference: ByReference | None = None
+        if by_reference:
+            from ._by_reference import ByReference
+
+            self.by_reference = ByReference(self._allowed)
+            self._errors_by_reference = ByReference(self._allowed_errors)
 
     # -- encoding ---------------------------------------------------------
 
@@ -190,7 +257,19 @@ class Codec:
             return frame(Tag.STARTUP_FAILED, 0, _exception_payload(message.error), [])
         if isinstance(message, Hello):
             payload = HELLO_MAGIC + _HELLO.pack(message.version, message.pid)
+            if message.kinds:  # plain data: a dict of str to int
+                payload += pickle.dumps({k: int(v) for k, v in message.kinds.items()}, 5)
             return frame(Tag.HELLO, 0, payload, [])
+        if isinstance(message, Items):
+            payload = _COUNT64.pack(message.seq) + dumps(message.items, what="stream items")
+            return frame(Tag.ITEMS, message.call_id, payload, [])
+        if isinstance(message, Credit):
+            return frame(Tag.CREDIT, message.call_id, _COUNT64.pack(message.frames), [])
+        if isinstance(message, Cancel):
+            return frame(Tag.CANCEL, message.call_id, b"", [])
+        if isinstance(message, Get | Describe):
+            tag = Tag.GET if isinstance(message, Get) else Tag.DESCRIBE
+            return frame(tag, message.call_id, message.name.encode(), [])
         if isinstance(message, OpenChannel):
             return frame(Tag.OPEN_CHANNEL, message.call_id, b"", [])
         if isinstance(message, Channel):
@@ -228,14 +307,38 @@ class Codec:
             () if wrap is None else wrap.made,
         )
 
-    def encode_return(self, call_id: int, value: object) -> list[Buffer]:
-        """The hot path of ``encode`` for a return value."""
+    def encode_return(self, call_id: int, value: object, method: str = "") -> list[Buffer]:
+        """The hot path of ``encode`` for a return value (of ``method``, for errors)."""
+        what = "the result of " if method else "the result"
         if type(value) is bytes and len(value) >= OOB_BYTES:
             wrapped = pickle.PickleBuffer(value)
-            return _fast_frame(RETURN, call_id, wrapped, "result", "", (wrapped,))
+            return _fast_frame(RETURN, call_id, wrapped, what, method, (wrapped,))
         if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
             return in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
-        return _fast_frame(RETURN, call_id, value, "result", "")
+        return _fast_frame(RETURN, call_id, value, what, method)
+
+    def encode_reply_by_reference(
+        self, call_id: int, ok: bool, value: object, method: str
+    ) -> list[Buffer]:
+        """The reply to ``method``: its result, or the exception it raised, for a peer
+        that decodes it with the restricted unpickler (``by_reference``).
+
+        Every global in it is written by name (a class of the parent's script as
+        ``__main__``), never by value, and in band.
+
+        Raises:
+            SerializationError: the result holds a type the peer does not allow (the
+                message names it, and ``method``), or it would not pickle. An exception
+                that cannot be sent so is sent by name, message and traceback alone.
+        """
+        if self.by_reference is None:
+            raise ValueError("this codec does not pickle by reference")
+        if ok:
+            payload = self.by_reference.dumps(value, what=f"the result of {method}()")
+            return in_band_frame(RETURN, call_id, payload)
+        error = cast(BaseException, value)
+        payload = _exception_payload(error, self._errors_by_reference)
+        return in_band_frame(int(Tag.RAISE), call_id, payload)
 
     # -- decoding ---------------------------------------------------------
 
@@ -286,7 +389,27 @@ class Codec:
         if raw_tag == Tag.STARTUP_FAILED:
             return StartupFailed(self._decode_exception(call_id, payload))
         if raw_tag == Tag.HELLO:
-            return _decode_hello(payload)
+            return self._decode_hello(payload)
+        if raw_tag == Tag.ITEMS:
+            if len(payload) < _COUNT64.size:
+                raise ProtocolError("an items frame without its sequence number")
+            (seq,) = _COUNT64.unpack_from(payload)
+            items = self._loads(call_id, payload[_COUNT64.size :], buffers, "stream items")
+            if type(items) is not list:
+                raise ProtocolError(f"stream items came as {type(items).__name__}, not a list")
+            return Items(call_id, seq, items)
+        if raw_tag in (Tag.CREDIT, Tag.CANCEL):
+            if raw_tag == Tag.CANCEL:
+                return Cancel(call_id)
+            if len(payload) != _COUNT64.size:
+                raise ProtocolError("a credit frame of the wrong size")
+            return Credit(call_id, _COUNT64.unpack_from(payload)[0])
+        if raw_tag in (Tag.GET, Tag.DESCRIBE):
+            try:
+                name = bytes(payload).decode()
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(f"a name that is not UTF-8: {bytes(payload[:32])!r}") from exc
+            return Get(call_id, name) if raw_tag == Tag.GET else Describe(call_id, name)
         if raw_tag == Tag.SHUTDOWN:
             return Shutdown()
         if raw_tag == Tag.OPEN_CHANNEL:
@@ -315,6 +438,25 @@ class Codec:
             raise ProtocolError(f"untrusted peer sent a {what} that is not allowed: {exc}") from exc
         except (Exception, SystemExit) as exc:
             raise UndecodablePayload(call_id, f"{what} could not be unpickled: {exc!r}") from exc
+
+    def _decode_hello(self, payload: memoryview) -> Hello:
+        head = len(HELLO_MAGIC) + _HELLO.size
+        magic = bytes(payload[: len(HELLO_MAGIC)])
+        if magic != HELLO_MAGIC or len(payload) < head:
+            raise ProtocolError(f"peer is not a pipe_rpc peer: hello was {bytes(payload[:32])!r}")
+        version, pid = _HELLO.unpack_from(payload, len(HELLO_MAGIC))
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+            )
+        if len(payload) == head:
+            return Hello(version, pid)
+        try:
+            table = self._loads(0, payload[head:], None, "hello")
+            kinds = {str(name): Kind(kind) for name, kind in table.items()}
+        except (UndecodablePayload, AttributeError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"the peer's table of names is malformed: {exc}") from exc
+        return Hello(version, pid, kinds)
 
     def _decode_exception(self, call_id: int, payload: memoryview) -> BaseException:
         parts = self._loads(call_id, payload, None, "exception")
@@ -377,21 +519,9 @@ class _OutOfBandBytes:
         return value
 
 
-def _decode_hello(payload: memoryview) -> Hello:
-    magic = bytes(payload[: len(HELLO_MAGIC)])
-    if magic != HELLO_MAGIC or len(payload) != len(HELLO_MAGIC) + _HELLO.size:
-        raise ProtocolError(f"peer is not a pipe_rpc peer: hello was {bytes(payload[:32])!r}")
-    version, pid = _HELLO.unpack_from(payload, len(HELLO_MAGIC))
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
-    return Hello(version, pid)
-
-
-def hello() -> Hello:
-    """This process's hello."""
-    return Hello(PROTOCOL_VERSION, os.getpid())
+def hello(kinds: dict[str, Kind] | None = None) -> Hello:
+    """This process's hello (a server's lists the kinds of its service's names)."""
+    return Hello(PROTOCOL_VERSION, os.getpid(), kinds)
 
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
@@ -426,13 +556,29 @@ def format_traceback(error: BaseException) -> str:
             parts.append("Traceback (most recent call last):\n")
             for frame, lineno in traceback.walk_tb(exc.__traceback__):
                 code = frame.f_code
-                parts.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
-                line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+                filename = _real_filename(code.co_filename, frame.f_globals)
+                parts.append(f'  File "{filename}", line {lineno}, in {code.co_name}\n')
+                line = linecache.getline(filename, lineno, frame.f_globals).strip()
                 if line:
                     parts.append(f"    {line}\n")
         parts.extend(_format_exception_only(exc))
         parts.append(link)
     return "".join(parts)
+
+
+#: The file name cloudpickle gives every code object it sends by value (a function or
+#: class of the main script, a lambda): it keeps its line numbers, not its file.
+_BY_VALUE_FILENAME = "<dynamic-code>"
+
+
+def _real_filename(filename: str, frame_globals: dict[str, Any]) -> str:
+    """The file that code sent by value came from: the ``__file__`` of its module's
+    globals, which cloudpickle sends along with the code."""
+    if filename == _BY_VALUE_FILENAME:
+        module_file = frame_globals.get("__file__")
+        if isinstance(module_file, str):
+            return module_file
+    return filename
 
 
 #: Exceptions whose last line the standard library builds itself: a SyntaxError shows the
@@ -478,8 +624,12 @@ def _plain_builtin(error: BaseException) -> bool:
     )
 
 
-def _exception_payload(error: BaseException) -> bytes:
-    """Everything the caller needs to rebuild ``error``, as plain data."""
+def _exception_payload(error: BaseException, by_reference: ByReference | None = None) -> bytes:
+    """Everything the caller needs to rebuild ``error``, as plain data.
+
+    ``by_reference``: the caller decodes with the restricted unpickler, which
+    rebuilds only an exception pickled whole from allowed globals.
+    """
     cls = type(error)
     type_name = f"{cls.__module__}.{cls.__qualname__}"
     try:
@@ -491,15 +641,27 @@ def _exception_payload(error: BaseException) -> bytes:
     except BaseException:
         message = "<str() failed>"
     form, blob = _FORM_NONE, None
+    if by_reference is not None:
+        try:
+            blob, form = by_reference.dumps(error, what="exception"), _FORM_PICKLE
+        except SerializationError:
+            pass
+        return pickle.dumps((type_name, message, tb, form, blob), 5)
+    # Pickling and unpickling run the error's own code, which may raise any BaseException
+    # (GeneratorExit, say); only an interrupt of this process is not the error's failure.
     try:
         blob = dumps(error, what="exception")
         if not _plain_builtin(error):
             pickle.loads(blob)  # rebuildable here, so most likely in the caller too
         form = _FORM_PICKLE
-    except (Exception, SystemExit):
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         try:
             blob = dumps((cls, error.args, dict(vars(error))), what="exception")
             form = _FORM_PARTS
-        except (Exception, SystemExit):
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
             blob = None
     return pickle.dumps((type_name, message, tb, form, blob), 5)

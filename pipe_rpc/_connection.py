@@ -51,6 +51,7 @@ pipe that got the same number.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -78,7 +79,7 @@ from ._liveness import (
     register_holder,
     wait_exitcode,
 )
-from ._messages import Channel, OpenChannel, Shutdown
+from ._messages import Cancel, Channel, Credit, Describe, Get, Kind, OpenChannel, Shutdown
 from ._protocol import ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
 from ._transport import (
@@ -103,7 +104,13 @@ _IO_ERRORS = (PeerGone, ProtocolError, StartupFailedSignal, OSError)
 
 
 class Waiter(Protocol):
-    """What a call wakes when it is settled: a thread's lock, an event loop's future, ..."""
+    """What a call wakes when it is settled: a thread's lock, an event loop's future, ...
+
+    ``leads``: the waiter is a thread that can take over reading the pipe when it
+    is woken (an event loop reads through its own callback instead).
+    """
+
+    leads: bool
 
     def wake(self) -> None: ...
 
@@ -112,6 +119,7 @@ class ThreadWaiter:
     """A waiter for one thread: a lock that stays held until something wakes it."""
 
     __slots__ = ("_lock",)
+    leads = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -193,6 +201,7 @@ class Connection:
         self.protocol: ClientProtocol[PendingCall] = ClientProtocol(codec)
         self.pipe = Transport(conn, sentinel=self._sentinel, max_frame=max_frame)
         self.death_hint: Callable[[int], str] = lambda exitcode: ""
+        self.death_tail: Callable[[], str] = lambda: ""  # the dead child's last stderr
         self.closed = False
         self.broken: PipeRPCError | None = None
         self._write_lock = threading.RLock()
@@ -222,6 +231,154 @@ class Connection:
             ClientClosedError, ConnectionLostError, WorkerDiedError, ProtocolError:
                 the connection is closed or dead.
         """
+        return self._run(PendingCall(method), timeout, None, args, kwargs)
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the public property or data attribute ``name`` of the service (as ``call``)."""
+        return self._run(PendingCall(name), timeout, functools.partial(Get, name=name))
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service, from the server's hello, or asked once."""
+        peer = self.protocol.peer
+        if peer is None:
+            self.wait_ready()
+            peer = self.protocol.peer
+            assert peer is not None
+        kind = peer.kinds.get(name)
+        if kind is None:
+            asked = self._run(PendingCall(name), None, functools.partial(Describe, name=name))
+            kind = peer.kinds[name] = Kind(asked)
+        return kind
+
+    def check_usable(self) -> None:
+        """Raise at once if a call cannot start: another process's, closed or dead."""
+        if self.generation != fork_generation():
+            check_owner(self.generation, "client")
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+
+    def abandon(self, call_id: int) -> bool:
+        """Give up on a call (its late reply is dropped); False if it had an outcome."""
+        return self.protocol.abandon(call_id)
+
+    def write_nowait(self, frame: list[Buffer]) -> bool | None:
+        """Write a registered call's frame on the pipe without waiting for anything.
+
+        True: it went whole. None: part of it went, and the rest is queued (the next
+        writer, or ``flush_nowait``, finishes it). False: nothing went (the write lock
+        was busy, or the socket full): try again later.
+        """
+        lock = self._write_lock
+        try:
+            if not lock.acquire(False):
+                return False
+            if self.broken is not None:
+                raise fresh_error(self.broken)
+            self.pipe.write(frame, time.monotonic())
+            return True
+        except WriteTimeout:
+            if self.pipe.unsent_untouched():
+                self.pipe.drop_unstarted()
+                return False
+            return None
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+            raise fresh_error(self.broken) from None  # type: ignore[arg-type]
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def flush_nowait(self) -> bool:
+        """Go on writing a frame ``write_nowait`` left part-written; True once none is left."""
+        lock = self._write_lock
+        try:
+            if not lock.acquire(False):
+                return False
+            if self.broken is not None:
+                return True
+            self.pipe.flush(time.monotonic())
+            return True
+        except WriteTimeout:
+            return False
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, None)
+            return True
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+
+    def start_stream(self, call: PendingCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """Register and send a call of a generator method (``call`` takes its items).
+
+        Streams go on the pipe, whatever the thread: their credit and cancel frames
+        follow on it.
+        """
+        self.check_usable()
+        call_id = 0
+        try:
+            call_id, frame = self.protocol.start(call.method, args, kwargs, call)
+            self._send(frame, None)
+        except BaseException:
+            if call_id:
+                self.abandon(call_id)
+            raise
+        return call_id
+
+    def wait_for(self, call: PendingCall, deadline: float | None) -> None:
+        """Wait on the pipe until ``call`` has something (``done``), its deadline passed,
+        or the connection broke."""
+        self._wait_pipe(call, deadline)
+
+    def control(self, message: Credit | Cancel) -> None:
+        """Send a stream's credit or cancel; on a dead connection there is nothing to do."""
+        if self.broken is not None:
+            return
+        frame = self.protocol.codec.encode(message)
+        try:
+            self._send(frame, time.monotonic() + 5.0)
+        except WriteTimeout:
+            pass
+
+    def fresh_broken(self) -> PipeRPCError:
+        """A fresh copy of why the connection is dead (it must be)."""
+        assert self.broken is not None
+        return fresh_error(self.broken)
+
+    def read_nowait(self, ended: bool = False) -> None:
+        """Read what the pipe has and settle its calls, unless a leader is reading (then
+        it does): for an event loop told that the pipe, or with ``ended`` the server
+        process's sentinel, is readable."""
+        lock = self._read_lock
+        try:
+            if lock.acquire(False):
+                self.pipe.read_available()
+                self._hand_out(self.pipe)
+                if ended:
+                    raise PeerGone("peer process ended")
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, self.pipe)
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+            else:
+                self._pass_lead()
+
+    def _run(
+        self,
+        pending: PendingCall,
+        timeout: float | None,
+        make: Callable[[int], Get | Describe] | None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Register a call (``pending.method(*args, **kwargs)``, or the request ``make``
+        makes), write it on its lane, and wait for its outcome."""
         if self.generation != fork_generation():
             check_owner(self.generation, "client")
         if self.broken is not None:
@@ -230,9 +387,12 @@ class Connection:
         channel = self.lanes.lane(deadline)
         if self.protocol.pending_count:  # another call is in flight: this thread contends
             self.lanes.local.contended = True
-        pending = PendingCall(method)
-        call_id, frame = self.protocol.start(method, args, kwargs, pending)
-        try:
+        call_id = 0
+        try:  # registered inside the try: an interrupt anywhere after ends this call alone
+            if make is None:
+                call_id, frame = self.protocol.start(pending.method, args, kwargs or {}, pending)
+            else:
+                call_id, frame = self.protocol.request(make, pending)
             if channel is None:
                 self._send(frame, deadline)
                 self._wait_pipe(pending, deadline)
@@ -242,17 +402,18 @@ class Connection:
         except WriteTimeout:
             self._end_early(call_id, channel)
             raise CallTimeoutError(
-                f"{method}() timed out after {timeout} s waiting to send"
+                f"{pending.method}() timed out after {timeout} s waiting to send"
             ) from None
-        except BaseException:  # an interrupt, a dying thread: this call alone ends
-            self._end_early(call_id, channel)
+        except BaseException:
+            if call_id:
+                self._end_early(call_id, channel)
             raise
         if not pending.done:  # the deadline passed, or the connection broke
             self._end_early(call_id, channel)
             if not pending.settled():  # it may have been settled as it was abandoned
                 if self.broken is not None:
                     raise fresh_error(self.broken)
-                raise CallTimeoutError(f"{method}() timed out after {timeout} s")
+                raise CallTimeoutError(f"{pending.method}() timed out after {timeout} s")
         return pending.outcome()
 
     def _end_early(self, call_id: int, channel: SideChannel | None) -> None:
@@ -331,6 +492,8 @@ class Connection:
             try:
                 if not pipe.ready:  # frames left by an interrupted leader go first
                     pipe.read(left, alone)
+                if len(pipe.ready) > 1:  # replies of others' calls came too
+                    self.lanes.local.contended = True
                 self._hand_out(pipe)
             except _IO_ERRORS as exc:
                 self._io_failed(exc, pipe)
@@ -339,8 +502,9 @@ class Connection:
         """The leader left: wake one follower to read in its place."""
         if self.protocol.pending_count:
             for slot in self.protocol.slots():
-                if not slot.done and slot.waiter is not None:
-                    slot.waiter.wake()
+                waiter = slot.waiter
+                if not slot.done and waiter is not None and waiter.leads:
+                    waiter.wake()
                     return
 
     def _wait_channel(
@@ -406,18 +570,29 @@ class Connection:
     # -- start, failure and close ---------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``)."""
+        """Wait for the server's hello (``spawn`` uses this to surface ``StartupError``).
+
+        The read lock is only ever tried for a moment: a leader holding it while it
+        waits for a call (the hello came long ago) must not keep this thread from
+        seeing that the hello is there.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._read_lock:
-            while self.protocol.peer is None and self.broken is None:
-                left = remaining(deadline)
-                if left == 0.0:
-                    raise CallTimeoutError(f"no hello from the server after {timeout} s")
-                try:
-                    self.pipe.read(left)
+        lock = self._read_lock
+        while self.protocol.peer is None and self.broken is None:
+            left = remaining(deadline)
+            if left == 0.0:
+                raise CallTimeoutError(f"no hello from the server after {timeout} s")
+            try:
+                if lock.acquire(True, _RECHECK) and self.protocol.peer is None:
+                    self.pipe.read(_RECHECK if left is None else min(left, _RECHECK))
                     self._hand_out(self.pipe)
-                except _IO_ERRORS as exc:
-                    self._io_failed(exc, self.pipe)
+            except _IO_ERRORS as exc:
+                self._io_failed(exc, self.pipe)
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # this thread did not hold it
+                    pass
         if self.broken is not None:
             raise fresh_error(self.broken)
 
@@ -475,9 +650,14 @@ class Connection:
                 f"the connection to server process {pid} was lost ({reason}), "
                 "but the process has not exited"
             )
+        methods = tuple(dict.fromkeys(s.method for s in self.protocol.slots() if s.method))
+        running = f" while running {', '.join(f'{m}()' for m in methods)}" if methods else ""
         hint = self.death_hint(exitcode)
         return WorkerDiedError(
-            f"server process {pid} {describe_exitcode(exitcode)}{hint}", exitcode=exitcode
+            f"server process {pid} {describe_exitcode(exitcode)}{running}{hint}",
+            exitcode=exitcode,
+            stderr_tail=self.death_tail(),
+            methods=methods,
         )
 
     def close(self) -> None:

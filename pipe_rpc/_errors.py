@@ -6,7 +6,7 @@
     ├── RemoteError              the service raised something that cannot be rebuilt here
     ├── CallTimeoutError         also a TimeoutError: the call's deadline passed
     ├── ConnectionLostError      also a ConnectionError: the peer is gone
-    │   └── WorkerDiedError      our child process died (.exitcode)
+    │   └── WorkerDiedError      our child process died (.exitcode, .stderr_tail)
     ├── ClientClosedError        this side was closed by you
     ├── SerializationError       a message could not be pickled or unpickled
     ├── ProtocolError            the peer broke the wire protocol
@@ -75,11 +75,27 @@ class ConnectionLostError(PipeRPCError, ConnectionError):
 
 
 class WorkerDiedError(ConnectionLostError):
-    """Our child process died; ``exitcode`` is its exit code (negative for a signal)."""
+    """Our child process died.
 
-    def __init__(self, message: str, *, exitcode: int | None = None) -> None:
+    Attributes:
+        exitcode: its exit code (negative for a signal).
+        stderr_tail: the last lines it wrote to its standard error (at most 4 KiB),
+            ``""`` if none or if it was not started by ``spawn()``.
+        methods: the names of the methods that were in flight when it died.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        stderr_tail: str = "",
+        methods: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+        self.stderr_tail = stderr_tail
+        self.methods = methods
 
 
 class ClientClosedError(PipeRPCError):

@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 #: Bumped whenever the frame layout or a payload shape changes.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: The first bytes of every hello payload, so a peer that is not pipe_rpc is spotted at once.
 HELLO_MAGIC = b"pipe_rpc"
@@ -29,6 +29,29 @@ class Tag(enum.IntEnum):
     SHUTDOWN = 7
     OPEN_CHANNEL = 8
     CHANNEL = 9
+    GET = 10
+    DESCRIBE = 11
+    ITEMS = 12
+    CREDIT = 13
+    CANCEL = 14
+
+
+class Kind(enum.IntEnum):
+    """What a public name of the service is, as the server's hello tells the client.
+
+    The proxy answers each kind as its type says: a method returns its value, an
+    ``async def`` method an awaitable, a generator method an iterator, an async
+    generator method an async iterator; reading a property or a data attribute
+    fetches its value.
+    """
+
+    UNKNOWN = 0  # no such public name (yet)
+    METHOD = 1
+    ASYNC = 2
+    GENERATOR = 3
+    ASYNC_GENERATOR = 4
+    PROPERTY = 5
+    ATTRIBUTE = 6
 
 
 class FailKind(enum.IntEnum):
@@ -65,13 +88,17 @@ class _Record:
 
 
 class Hello(_Record):
-    """The first message each end sends: who speaks, and which protocol version."""
+    """The first message each end sends: who speaks, and which protocol version.
 
-    __slots__ = ("version", "pid")  # noqa: RUF023 (the order of the fields)
+    A server's hello also lists the kind of each public name of its service.
+    """
 
-    def __init__(self, version: int, pid: int) -> None:
+    __slots__ = ("version", "pid", "kinds")  # noqa: RUF023 (the order of the fields)
+
+    def __init__(self, version: int, pid: int, kinds: dict[str, Kind] | None = None) -> None:
         self.version = version
         self.pid = pid
+        self.kinds = kinds or {}
 
 
 class Call(_Record):
@@ -165,4 +192,72 @@ class Channel(_Record):
         self.doorbell = doorbell
 
 
-Message = Hello | Call | Return | Raise | Fail | StartupFailed | Shutdown | OpenChannel | Channel
+class Get(_Record):
+    """Read the public property or data attribute ``name`` of the service."""
+
+    __slots__ = ("call_id", "name")
+
+    def __init__(self, call_id: int, name: str) -> None:
+        self.call_id = call_id
+        self.name = name
+
+
+class Describe(_Record):
+    """Say the ``Kind`` of ``name``, a name the server's hello did not list."""
+
+    __slots__ = ("call_id", "name")
+
+    def __init__(self, call_id: int, name: str) -> None:
+        self.call_id = call_id
+        self.name = name
+
+
+class Items(_Record):
+    """Items a generator method yielded, in order; ``seq`` numbers a stream's frames from 1.
+
+    A stream ends with the call's ``Return`` (its value is ignored) or ``Raise``.
+    """
+
+    __slots__ = ("call_id", "seq", "items")  # noqa: RUF023 (the order of the fields)
+
+    def __init__(self, call_id: int, seq: int, items: list[Any]) -> None:
+        self.call_id = call_id
+        self.seq = seq
+        self.items = items
+
+
+class Credit(_Record):
+    """The consumer of stream ``call_id`` took every item of ``frames`` more frames."""
+
+    __slots__ = ("call_id", "frames")
+
+    def __init__(self, call_id: int, frames: int) -> None:
+        self.call_id = call_id
+        self.frames = frames
+
+
+class Cancel(_Record):
+    """Stop stream ``call_id``: the consumer is gone (the generator is closed)."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
+Message = (
+    Items
+    | Credit
+    | Cancel
+    | Hello
+    | Call
+    | Get
+    | Describe
+    | Return
+    | Raise
+    | Fail
+    | StartupFailed
+    | Shutdown
+    | OpenChannel
+    | Channel
+)

@@ -49,14 +49,17 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from ._errors import ClientClosedError
+from ._errors import CallTimeoutError, ClientClosedError
 from ._liveness import check_owner, fork_generation
+from ._messages import Kind
 from ._pool_map import MapResults
-from ._pool_workers import Workers, default_size
+from ._pool_streams import PoolAsyncStream, PoolStream
+from ._pool_workers import Workers, _Worker, default_size
 from ._process import OnTimeout, Server, StartMethod, check_options
 from ._proxy import DEFAULT, Proxy, _Method, check_timeout
 
@@ -67,6 +70,13 @@ T = TypeVar("T")
 A = TypeVar("A")
 R = TypeVar("R")
 P = ParamSpec("P")
+
+
+def _future_done(workers: Workers, worker: _Worker, future: Future[Any]) -> None:
+    if future.cancelled():
+        workers.give_back(worker, CallTimeoutError("the call was cancelled"))
+    else:
+        workers.give_back(worker, future.exception())
 
 
 class Pool(Generic[T]):
@@ -118,6 +128,91 @@ class Pool(Generic[T]):
             raise
         workers.give_back(worker)
         return result
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        if self._generation != fork_generation():
+            check_owner(self._generation, "pool")
+        seconds = self._timeout if timeout is DEFAULT else timeout
+        return None if seconds is None else time.monotonic() + seconds
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop (``acall``'s way in)."""
+        workers = self._workers
+        worker = workers.take_now() or await self._take_off_loop(timeout)
+        try:
+            result = await worker.server.ainvoke(method, args, kwargs, timeout)
+        except BaseException as exc:  # a cancellation too
+            workers.give_back(worker, exc)
+            raise
+        workers.give_back(worker)
+        return result
+
+    async def _take_off_loop(self, timeout: float | None) -> _Worker:
+        """No child ready: wait for one in a thread, not on the event loop."""
+        import asyncio
+
+        worker, _ = await asyncio.to_thread(self._workers.take, self._deadline(timeout))
+        return worker
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future (``submit``'s way in); the child
+        counts the call until the future is done."""
+        workers = self._workers
+        worker, _ = workers.take(self._deadline(timeout))
+        try:
+            future = worker.server.submit(method, args, kwargs, timeout)
+        except BaseException as exc:
+            workers.give_back(worker, exc)
+            raise
+        future.add_done_callback(functools.partial(_future_done, workers, worker))
+        return future
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """Call a generator method on one child: its items, as they come. The child counts
+        the call until the iterator ends, is closed or is dropped."""
+        workers = self._workers
+        worker, _ = workers.take(self._deadline(timeout))
+        try:
+            items = worker.server.stream(method, args, kwargs, timeout)
+        except BaseException as exc:
+            workers.give_back(worker, exc)
+            raise
+        return PoolStream(items, functools.partial(workers.give_back, worker))
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Call a generator or async generator method: an async iterator of its items."""
+        workers = self._workers
+        worker, _ = workers.take(self._deadline(timeout))
+        try:
+            items = worker.server.astream(method, args, kwargs, timeout)
+        except BaseException as exc:
+            workers.give_back(worker, exc)
+            raise
+        return PoolAsyncStream(items, functools.partial(workers.give_back, worker))
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (every child serves the same one)."""
+        return self._workers.any_ready(self._deadline(DEFAULT)).server.kind(name)
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the service's public property or data attribute ``name`` on one child."""
+        workers = self._workers
+        worker, _ = workers.take(self._deadline(timeout))
+        try:
+            value = worker.server.get(name, timeout)
+        except BaseException as exc:
+            workers.give_back(worker, exc)
+            raise
+        workers.give_back(worker)
+        return value
 
     def map(
         self, method: Callable[[A], R], iterable: Iterable[A], *, ordered: bool = True

@@ -288,6 +288,26 @@ class Workers:
             waited = True
             self._wait(deadline, limit, failures)
 
+    def take_now(self) -> _Worker | None:
+        """``take`` without waiting: ``None`` if no worker is ready (or alive) now."""
+        with self._cond:
+            worker = self._pick(None)
+        if worker is not None and worker.server._ended():
+            self.give_back(worker, dead=True)
+            return None
+        return worker
+
+    def any_ready(self, deadline: float | None) -> _Worker:
+        """A ready worker to ask about the service (nothing is counted), waiting for one."""
+        failures = self.failures
+        while True:
+            with self._cond:
+                if self.closed:
+                    raise ClientClosedError("the pool was closed")
+                if self._ready:
+                    return self._ready[0]
+            self._wait(deadline, None, failures)
+
     def _pick(self, limit: int | None) -> _Worker | None:
         """The ready worker with the fewest calls in flight, now counted as given one more."""
         if self.closed:
@@ -342,8 +362,10 @@ class Workers:
         """A call on ``worker`` ended (``error``: how it failed): count it, retire the
         worker if it is gone or over its memory, then do the chores."""
         if error is not None and not dead:
+            # A timeout, or a cancelled task or future, may have killed it (on_timeout="kill").
             dead = isinstance(error, ConnectionLostError | ProtocolError) or (
-                isinstance(error, CallTimeoutError) and not worker.server.is_alive()
+                (isinstance(error, CallTimeoutError) or not isinstance(error, Exception))
+                and worker.server._ended()
             )
         too_big = False
         if self._max_memory is not None and not dead and worker.state is _READY:

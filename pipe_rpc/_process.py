@@ -5,7 +5,11 @@ kill takes its grandchildren too), closes the parent ends of other servers'
 pipes it inherited under ``fork`` (so a sibling's death is never masked),
 starts a thread that ends the group if our process dies, applies the
 ``Limits``, builds the service from the cloudpickled factory and serves it.
-A factory that raises sends ``StartupFailed`` instead of the hello.
+A factory that raises sends ``StartupFailed`` instead of the hello. Its
+standard error is a pipe that the parent drains (``_stderr``).
+
+Logger ``"pipe_rpc"``: INFO when a child starts, is restarted or closed,
+WARNING when one is seen dead or is killed for a timeout; nothing per call.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import _thread
 import atexit
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
@@ -22,7 +27,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
@@ -36,6 +41,7 @@ from ._errors import (
     PipeRPCError,
     ProtocolError,
     StartupError,
+    WorkerDiedError,
     describe_exitcode,
 )
 from ._liveness import (
@@ -45,12 +51,17 @@ from ._liveness import (
     register_holder,
     wait_readable,
 )
-from ._messages import StartupFailed
+from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
+from ._scripts import main_for_children, missing_guard_message, unguarded_main_call
 from ._server import check_max_concurrency, serve
+from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
 if TYPE_CHECKING:  # imported when used: the child needs attrs only when given limits
+    import logging
+    from concurrent.futures import Future
+
     from ._limits import Limits
 
 T = TypeVar("T")
@@ -95,8 +106,13 @@ def _child_main(
     parent_pid: int,
     limits: Limits | None,
     max_concurrency: int,
+    untrusted: bool = False,
+    allowed_blob: bytes | None = None,
+    stderr_end: Connection | None = None,
 ) -> None:
     """The child process: set up isolation, build the service, serve it."""
+    if stderr_end is not None:
+        adopt_in_child(stderr_end)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     for end in list(_PARENT_ENDS):
@@ -115,7 +131,14 @@ def _child_main(
             transport.write(Codec().encode(StartupFailed(exc)))
         conn.close()
         sys.exit(1)
-    serve(service, conn, max_concurrency=max_concurrency)
+    allowed_types = () if allowed_blob is None else pickle.loads(allowed_blob)
+    serve(
+        service,
+        conn,
+        max_concurrency=max_concurrency,
+        untrusted=untrusted,
+        allowed_types=allowed_types,
+    )
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -245,11 +268,17 @@ class _GuardedProcess:
 
 
 class _Child:
-    """One child process and the client talking to it."""
+    """One child process, the client talking to it, and its standard error."""
 
     fd = -1  # the parent end's descriptor: readable once the hello (or a failure) is in
 
-    def __init__(self, process: _GuardedProcess, client: Client[Any]) -> None:
+    def __init__(
+        self,
+        process: _GuardedProcess,
+        client: Client[Any],
+        stderr: ChildStderr | None = None,
+        method: str = "",
+    ) -> None:
         self.process = process
         self.client = client
         self.pid = cast(int, process.pid)
@@ -257,6 +286,10 @@ class _Child:
         self.generation = fork_generation()
         self.ended = False  # has_ended() saw it end
         self._local = threading.local()
+        self.stderr = stderr
+        self.method = method
+        self.stopping = False  # stop() began: an end from then on is ours, not news
+        self.death_logged = False
 
     def sentinel_fired(self) -> bool:
         """Has the process ended? One ``poll`` of its sentinel."""
@@ -289,6 +322,8 @@ class _Child:
         """
         if self.generation != fork_generation():  # a forked copy: not ours to stop
             return
+        died = not self.stopping and self.has_ended()
+        self.stopping = True
         if graceful > 0:
             self.client.close()
             self._join(graceful)
@@ -304,11 +339,85 @@ class _Child:
         if self.exitcode is not None:
             with contextlib.suppress(ValueError):
                 self.process.close()
+        if self.stderr is not None:  # its last words reach our stderr before we return
+            self.stderr.finish()
+        if died:
+            self._log_death()
+
+    def note_death(self, error: BaseException) -> None:
+        """``error`` came of this child's death: give it the stderr tail, log the death once."""
+        if not isinstance(error, WorkerDiedError):
+            return
+        if self.stderr is not None:
+            error.stderr_tail = self.stderr.tail()
+        if not self.stopping:
+            self._log_death(error.exitcode)
+
+    def _log_death(self, exitcode: int | None = None) -> None:
+        if self.death_logged:
+            return
+        self.death_logged = True
+        if exitcode is None:
+            exitcode = self.exitcode
+        last = ""
+        if self.stderr is not None:
+            self.stderr.finish()
+            last = self.stderr.last_line()
+        _log().warning(
+            "server process %d died: %s (exit code %s); last line on its stderr: %r",
+            self.pid,
+            _reason(exitcode),
+            exitcode,
+            last,
+        )
 
     def _join(self, timeout: float) -> None:
         with contextlib.suppress(ValueError, AssertionError):
             self.process.join(timeout)
             self.exitcode = self.process.exitcode
+
+
+def _death_hint(limits: Limits | None, stderr: ChildStderr) -> Callable[[int], str]:
+    """The client's ``death_hint``: the limits' guess, then the end of the child's stderr.
+
+    It holds the limits' own method, not the server's: a method of the server would
+    keep it alive through the handle, which its finalizer holds, and it would never
+    be collected.
+    """
+    explain = None if limits is None else limits.explain
+
+    def hint(exitcode: int) -> str:
+        return ("" if explain is None else explain(exitcode)) + stderr.death_note()
+
+    return hint
+
+
+_LOGGER: logging.Logger | None = None
+
+
+def _log() -> logging.Logger:
+    """The ``"pipe_rpc"`` logger, importing ``logging`` on first use: a child never needs it.
+
+    A library's logger gets a ``NullHandler``, so that a program that has not set up
+    logging does not get our warnings printed by logging's last-resort handler.
+    """
+    global _LOGGER
+    if _LOGGER is None:
+        import logging
+
+        logger = logging.getLogger("pipe_rpc")
+        logger.addHandler(logging.NullHandler())
+        _LOGGER = logger
+    return _LOGGER
+
+
+def _reason(exitcode: int | None) -> str:
+    """A death's reason in a word: ``"SIGSEGV"``, ``"exit 3"``."""
+    if exitcode is None:
+        return "unknown"
+    if exitcode < 0:
+        return describe_exitcode(exitcode).removeprefix("killed by ")
+    return f"exit {exitcode}"
 
 
 class _Handle:
@@ -321,10 +430,18 @@ class _Handle:
 
     def shutdown(self, graceful: float) -> None:
         with self.lock:
+            was_closed = self.closed
             self.closed = True
             child = self.child
         if child is not None:
             child.stop(graceful)
+            if not was_closed and child.generation == fork_generation():
+                _log().info(
+                    "server process %d closed: %s (start method %s)",
+                    child.pid,
+                    describe_exitcode(child.exitcode),
+                    child.method,
+                )
 
 
 _LIVE: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -363,7 +480,6 @@ class Server(Generic[T]):
         wait: bool = True,
     ) -> None:
         self.timeout = check_timeout(timeout)
-        self._start_timeout = check_timeout(start_timeout, "start_timeout")
         self._method: StartMethod = start_method or default_start_method()
         self._context: Any = multiprocessing.get_context(self._method)
         if self._method == "forkserver":
@@ -376,10 +492,13 @@ class Server(Generic[T]):
         self._allowed_types = tuple(allowed_types)
         self._max_reply_bytes = max_reply_bytes
         self._name = name
+        self._start_timeout = check_timeout(start_timeout, "start_timeout")
         import cloudpickle
 
         try:
             self._factory_blob = cloudpickle.dumps(factory, 5)
+            # Cloudpickled, so that classes of a script read from stdin reach the child too.
+            self._allowed_blob = cloudpickle.dumps(self._allowed_types, 5)
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
         self._generation = fork_generation()
@@ -394,18 +513,32 @@ class Server(Generic[T]):
 
     def _start(self, wait: bool = True) -> None:
         """Start a child; with ``wait``, return once it has answered (else see ``_greet``)."""
+        previous = self._handle.child
         parent_end, child_end = self._context.Pipe(duplex=True)
         _PARENT_ENDS.add(parent_end)
+        stderr = ChildStderr()
+        stderr.watch()
         process = self._context.Process(
             target=_child_main,
-            args=(child_end, self._factory_blob, os.getpid(), self._limits, self._max_concurrency),
+            args=(
+                child_end,
+                self._factory_blob,
+                os.getpid(),
+                self._limits,
+                self._max_concurrency,
+                self._untrusted,
+                self._allowed_blob,
+                stderr.child_end,
+            ),
             name=self._name or "pipe_rpc-server",
             daemon=False,
         )
         try:
-            process.start()
+            with main_for_children(self._method):
+                process.start()
         finally:
             child_end.close()
+            stderr.child_end.close()  # the pipe ends when the child (and its children) end
         guarded = _GuardedProcess(process)
         max_reply = self._max_reply_bytes
         if max_reply is None and self._untrusted:
@@ -418,15 +551,13 @@ class Server(Generic[T]):
             allowed_types=self._allowed_types,
             max_reply_bytes=max_reply,
         )
-        if self._limits is not None:
-            # The limits' own method: a method of this server would keep it alive through
-            # the handle, which its finalizer holds, and it would never be collected.
-            client.death_hint = self._limits.explain
-        child = _Child(guarded, client)
+        client.death_hint = _death_hint(self._limits, stderr)
+        client.death_tail = stderr.tail
+        child = _Child(guarded, client, stderr, self._method)
         child.fd = parent_end.fileno()
         self._handle.child = child
         if wait:
-            self._greet(self._start_timeout)
+            self._greet(self._start_timeout, previous)
 
     # A start in two steps, for a pool that starts its children at once: ``_start(False)``,
     # then ``_greet`` once ``_answered`` says the child has said something.
@@ -441,7 +572,7 @@ class Server(Generic[T]):
         child = self._handle.child
         return child is None or child.sentinel_fired()
 
-    def _greet(self, timeout: float | None) -> None:
+    def _greet(self, timeout: float | None, previous: _Child | None = None) -> None:
         """Wait up to ``timeout`` s for the child's hello; stop it and raise ``StartupError``
         if the factory failed, the child died, or the time ran out."""
         child = self._handle.child
@@ -454,12 +585,23 @@ class Server(Generic[T]):
         except CallTimeoutError:
             child.stop(graceful=0)
             raise StartupError(
-                f"the child did not answer within start_timeout={self._start_timeout} s "
-                f"and was killed"
+                f"the factory did not finish within start_timeout={self._start_timeout} s; "
+                f"server process {child.pid} was killed"
             ) from None
         except PipeRPCError as exc:
             child.stop(graceful=0)
+            if self._method != "fork" and (where := unguarded_main_call()) is not None:
+                raise StartupError(missing_guard_message(where, str(exc))) from None
             raise StartupError(f"the child failed while starting: {exc}") from exc
+        if previous is None:
+            _log().info("server process %d started (start method %s)", child.pid, self._method)
+        else:
+            _log().info(
+                "server process %d restarted as %d (start method %s)",
+                previous.pid,
+                child.pid,
+                self._method,
+            )
 
     def _current(self) -> _Child:
         """The live child for a call, restarting a dead one if the policy says so."""
@@ -492,7 +634,9 @@ class Server(Generic[T]):
                 child.client.connection_lost("the server process has ended")
                 broken = child.client.broken
                 assert broken is not None
-                raise fresh_error(broken)
+                error = fresh_error(broken)
+                child.note_death(error)
+                raise error
             child.stop(graceful=0)
             self._start()
             child = handle.child
@@ -503,18 +647,112 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        if self._generation != fork_generation():
-            check_owner(self._generation, "server")
-        child = self._current()
+        child = self._child_for_call()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
-        except CallTimeoutError:
-            if self._on_timeout == "kill":
-                child.stop(graceful=0)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc, method)
             raise
-        except ProtocolError:
+        except WorkerDiedError as exc:
+            child.note_death(exc)
+            raise
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop (``acall``'s way in).
+
+        Cancelling the awaiting task acts as the call's timeout: under
+        ``on_timeout="kill"`` the child is killed.
+        """
+        import asyncio
+
+        child = self._child_for_call()
+        try:
+            return await child.client.ainvoke(method, args, kwargs, timeout)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc, method)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
+            raise
+        except asyncio.CancelledError:
+            self._failed(child, CallTimeoutError(f"{method}() was cancelled"), method)
+            raise
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future (``submit``'s way in).
+
+        ``future.cancel()`` acts as the call's timeout: under ``on_timeout="kill"``
+        the child is killed.
+        """
+        from ._aio import CallFuture
+
+        child = self._child_for_call()
+        future = child.client.submit(method, args, kwargs, timeout)
+        if isinstance(future, CallFuture):
+            cancelled = CallTimeoutError(f"{method}() was cancelled")
+            future.on_cancel.append(functools.partial(self._failed, child, cancelled, method))
+        return future
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """Call a generator method in the child: an iterator of its items (the proxy's way
+        in). A wait for an item that times out acts as ``on_timeout`` says."""
+        child = self._child_for_call()
+        return child.client.stream(
+            method, args, kwargs, timeout, functools.partial(self._stream_failed, child, method)
+        )
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Call a generator or async generator method: an async iterator of its items."""
+        child = self._child_for_call()
+        return child.client.astream(
+            method, args, kwargs, timeout, functools.partial(self._stream_failed, child, method)
+        )
+
+    def _stream_failed(self, child: _Child, method: str, exc: BaseException) -> None:
+        if isinstance(exc, CallTimeoutError | ProtocolError):
+            self._failed(child, exc, method)
+
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (the proxy's way to answer an attribute)."""
+        return self._child_for_call().client.kind(name)
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the service's public property or data attribute ``name`` (via the proxy)."""
+        child = self._child_for_call()
+        try:
+            return child.client.get(name, timeout)
+        except (CallTimeoutError, ProtocolError) as exc:
+            self._failed(child, exc, name)
+            raise
+        except WorkerDiedError as exc:
+            child.note_death(exc)
+            raise
+
+    def _child_for_call(self) -> _Child:
+        if self._generation != fork_generation():
+            check_owner(self._generation, "server")
+        return self._current()
+
+    def _failed(self, child: _Child, exc: PipeRPCError, method: str) -> None:
+        """A call of ``method`` on ``child`` failed with ``exc``: kill the child if that
+        is the policy."""
+        if isinstance(exc, ProtocolError):
             child.stop(graceful=0)
-            raise
+        elif self._on_timeout == "kill":
+            _log().warning(
+                "server process %d: %s() timed out; killing it (on_timeout='kill')",
+                child.pid,
+                method,
+            )
+            child.stop(graceful=0)
 
     # -- public -------------------------------------------------------------
 
@@ -572,6 +810,23 @@ class Server(Generic[T]):
         if self._handle.closed:
             raise ClientClosedError("the server was closed")
         return self.proxy
+
+    async def __aenter__(self) -> T:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """``close()`` without blocking the event loop (it runs on a worker thread)."""
+        import asyncio
+
+        await asyncio.to_thread(self.close, timeout)
 
     def __exit__(
         self,

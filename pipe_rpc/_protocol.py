@@ -69,10 +69,16 @@ from ._codec import CALL, RETURN, Codec, UndecodablePayload, hello
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import (
     Call,
+    Cancel,
     Channel,
+    Credit,
+    Describe,
     Fail,
     FailKind,
+    Get,
     Hello,
+    Items,
+    Kind,
     Message,
     OpenChannel,
     Raise,
@@ -143,7 +149,7 @@ class ClientProtocol(Generic[S]):
             raise
 
     def request(
-        self, make: Callable[[int], OpenChannel | Channel], slot: S
+        self, make: Callable[[int], OpenChannel | Channel | Get | Describe], slot: S
     ) -> tuple[int, list[Buffer]]:
         """Register a request to the server machinery itself (``make(call_id)``); return
         its id and frame."""
@@ -197,6 +203,8 @@ class ClientProtocol(Generic[S]):
             return
         if self.peer is None or isinstance(message, Hello):
             self._first(message)
+        elif isinstance(message, Items):
+            self._feed(message)
         elif isinstance(message, Return):
             self._settle(message.call_id, True, message.value)
         elif isinstance(message, Raise):
@@ -216,6 +224,17 @@ class ClientProtocol(Generic[S]):
         slot.settle(ok, value)
         with self._lock:  # after the outcome: an interrupt before this line leaves a repeat
             self._pending.pop(call_id, None)
+
+    def _feed(self, message: Items) -> None:
+        """Items of a stream: its slot takes them and stays in the table."""
+        slot = self._pending.get(message.call_id)
+        if slot is None:
+            self._settle(message.call_id, True, None)  # late, or never made
+            return
+        feed = getattr(slot, "feed", None)
+        if feed is None:
+            raise ProtocolError(f"the peer streamed items for call {message.call_id}, not a stream")
+        feed(message.seq, message.items)
 
     def _first(self, message: Message) -> None:
         if isinstance(message, Hello):
@@ -253,15 +272,23 @@ class ServerProtocol:
         peer: the client's hello, for a side channel (its hello came on the pipe).
     """
 
-    def __init__(self, codec: Codec | None = None, peer: Hello | None = None) -> None:
+    def __init__(
+        self,
+        codec: Codec | None = None,
+        peer: Hello | None = None,
+        kinds: dict[str, Kind] | None = None,
+    ) -> None:
         self.codec = codec or Codec()
         self.peer = peer
+        self.kinds = kinds
 
     def greeting(self) -> list[Buffer]:
-        """The frame to send before anything else."""
-        return self.codec.encode(hello())
+        """The frame to send before anything else: the hello, with the service's names."""
+        return self.codec.encode(hello(self.kinds))
 
-    def receive(self, body: Body) -> Call | Shutdown | Fail | OpenChannel | Channel | None:
+    def receive(
+        self, body: Body
+    ) -> Call | Get | Describe | Credit | Cancel | Shutdown | Fail | OpenChannel | Channel | None:
         """Take one frame body: a call to run, a request, a ``Fail`` to send back, or nothing.
 
         Raises:
@@ -289,18 +316,21 @@ class ServerProtocol:
                 )
             self.peer = message
             return None
-        if isinstance(message, Call | Shutdown | OpenChannel | Channel):
+        if isinstance(message, Call | Get | Describe | Credit | Cancel | Shutdown):
+            return message
+        if isinstance(message, OpenChannel | Channel):
             return message
         raise ProtocolError(f"a server does not accept {type(message).__name__} messages")
 
-    def reply(self, call_id: int, ok: bool, value: Any) -> list[Buffer]:
-        """The frame answering ``call_id``: its result, or the exception it raised.
+    def reply(self, call_id: int, ok: bool, value: Any, method: str = "") -> list[Buffer]:
+        """The frame answering ``call_id`` (a call of ``method``): its result, or the
+        exception it raised.
 
         A result that will not pickle becomes a ``Fail`` naming why.
         """
         if ok:
             try:
-                return self.codec.encode_return(call_id, value)
+                return self.codec.encode_return(call_id, value, method)
             except SerializationError as exc:
                 return self.codec.encode(Fail(call_id, FailKind.SERIALIZATION, str(exc)))
         if isinstance(value, Fail):

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ._errors import PipeRPCError
+from ._messages import Kind
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from concurrent.futures import Future
 
 T = TypeVar("T")
 
@@ -53,13 +58,46 @@ class Invoker(Protocol):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any: ...
 
+    def kind(self, name: str) -> Kind:
+        """What ``name`` is in the service (from the server's hello, or asked once)."""
+        ...
+
+    def get(self, name: str, timeout: float | None) -> Any:
+        """Read the service's public property or data attribute ``name``."""
+        ...
+
+    async def ainvoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``invoke`` awaited on the running event loop, without blocking it."""
+        ...
+
+    def submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Future[Any]:
+        """``invoke`` whose outcome completes a future; returns once the call is sent."""
+        ...
+
+    def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """Call a generator method: an iterator of its items, as they come."""
+        ...
+
+    def astream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Call a generator or async generator method: an async iterator of its items."""
+        ...
+
 
 class _Method:
     """A bound remote method: ``proxy.add`` in ``proxy.add(1, 2)``."""
 
-    __slots__ = ("_invoke", "_name", "_timeout")
+    __slots__ = ("_invoke", "_invoker", "_name", "_timeout")
 
     def __init__(self, invoker: Invoker, name: str, timeout: float | None) -> None:
+        self._invoker = invoker
         self._invoke = invoker.invoke
         self._name = name
         self._timeout = timeout
@@ -72,6 +110,36 @@ class _Method:
         return f"<remote method {self._name}>"
 
 
+class _AsyncMethod(_Method):
+    """A bound remote ``async def`` method: calling it gives an awaitable, as its type says."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.ainvoke(self._name, args, kwargs, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote async method {self._name}>"
+
+
+class _StreamMethod(_Method):
+    """A bound remote generator method: calling it gives an iterator, as its type says."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.stream(self._name, args, kwargs, self._timeout)
+
+
+class _AsyncStreamMethod(_Method):
+    """A bound remote async generator method: calling it gives an async iterator."""
+
+    __slots__ = ()
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._invoker.astream(self._name, args, kwargs, self._timeout)
+
+
 class Proxy:
     """Turns attribute calls into remote calls; underscore names are answered locally."""
 
@@ -81,8 +149,15 @@ class Proxy:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
-            raise AttributeError(name)
-        method = _Method(self._pipe_rpc_invoker, name, self._pipe_rpc_timeout)
+            raise AttributeError(
+                f"{name!r}: a pipe_rpc proxy serves only the public names of its service "
+                "(no leading underscore)"
+            )
+        invoker = self._pipe_rpc_invoker
+        kind = invoker.kind(name)
+        if kind in _READ:  # a fresh value at each read: one round trip
+            return invoker.get(name, self._pipe_rpc_timeout)
+        method = _METHODS.get(kind, _Method)(invoker, name, self._pipe_rpc_timeout)
         object.__setattr__(self, name, method)  # cache: the next look-up skips __getattr__
         return method
 
@@ -94,6 +169,17 @@ class Proxy:
 
     _pipe_rpc_invoker: Invoker
     _pipe_rpc_timeout: float | None
+
+
+#: What a proxy hands out for each kind of method.
+_METHODS: dict[Kind, type[_Method]] = {
+    Kind.ASYNC: _AsyncMethod,
+    Kind.GENERATOR: _StreamMethod,
+    Kind.ASYNC_GENERATOR: _AsyncStreamMethod,
+}
+
+#: The kinds of names a proxy reads instead of calling.
+_READ = frozenset({Kind.PROPERTY, Kind.ATTRIBUTE})
 
 
 def options(proxy: T, *, timeout: float | None) -> T:

@@ -18,14 +18,30 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any
 
-from ._errors import MethodNotFoundError, ProtocolError
-from ._messages import Call, Fail, FailKind, OpenChannel, Shutdown
+from ._codec import Codec
+from ._coroutines import CoroutineRunner
+from ._errors import MethodNotFoundError, ProtocolError, SerializationError
+from ._messages import (
+    Call,
+    Cancel,
+    Credit,
+    Describe,
+    Fail,
+    FailKind,
+    Get,
+    Kind,
+    OpenChannel,
+    Shutdown,
+)
 from ._messages import Channel as ChannelFrame
 from ._protocol import MAX_CHANNELS, ServerProtocol
+from ._streams import Streams
 from ._transport import (
     PeerGone,
     Poller,
@@ -66,12 +82,17 @@ def _descriptor_budget() -> int | None:
     return soft // 4
 
 
+#: Code flags of the functions whose calls the proxy answers otherwise than with a value.
+_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
+
+
 class Dispatcher:
-    """Finds and runs the public methods of one service object."""
+    """Finds and runs the public methods of one service object, and reads its attributes."""
 
     def __init__(self, service: object) -> None:
         self.service = service
         self._methods: dict[str, Callable[..., Any]] = {}
+        self._kinds: dict[str, Kind] = {}
 
     def lookup(self, name: str) -> Callable[..., Any]:
         """The bound method ``name``, or ``MethodNotFoundError`` having run nothing.
@@ -82,27 +103,71 @@ class Dispatcher:
         method: Callable[..., Any] | None = self._methods.get(name)
         if method is not None:
             return method
-        if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
-            raise MethodNotFoundError(
-                f"{name!r} is not a public method name (no leading underscore, no dots)"
-            )
+        _check_public(name)
         kind = type(self.service).__name__
         static = _static_attribute(self.service, name)
         if isinstance(static, property | staticmethod | classmethod) and not callable(
             getattr(static, "__func__", None)
         ):
-            raise MethodNotFoundError(f"{kind}.{name} is a property, not a method")
+            raise MethodNotFoundError(
+                f"{kind}.{name} is a property, not a method: read it as proxy.{name}"
+            )
         try:
             method = getattr(self.service, name)
         except AttributeError:
             raise MethodNotFoundError(f"{kind} has no method {name!r}") from None
         if not callable(method):
-            raise MethodNotFoundError(f"{kind}.{name} is not callable")
+            raise MethodNotFoundError(f"{kind}.{name} is not callable: read it as proxy.{name}")
         self._methods[name] = method
         return method
 
-    def run(self, call: Call) -> tuple[bool, Any]:
-        """Run one call: ``(True, result)``, ``(False, exception)`` or ``(False, Fail)``."""
+    def kind(self, name: str) -> Kind:
+        """What the public name ``name`` is, found without running a getter."""
+        if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
+            return Kind.UNKNOWN
+        static = _static_attribute(self.service, name)
+        if isinstance(static, property):
+            return Kind.PROPERTY
+        if static is MISSING and not hasattr(type(self.service), "__getattr__"):
+            return Kind.UNKNOWN
+        try:
+            value = getattr(self.service, name) if static is MISSING else static
+        except AttributeError:
+            return Kind.UNKNOWN
+        if not callable(value):
+            return Kind.ATTRIBUTE
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        flags = getattr(code, "co_flags", 0)
+        if flags & _CO_COROUTINE:
+            return Kind.ASYNC
+        if flags & _CO_ASYNC_GENERATOR:
+            return Kind.ASYNC_GENERATOR
+        if flags & _CO_GENERATOR:
+            return Kind.GENERATOR
+        return Kind.METHOD
+
+    def streams(self, call: Call | Get) -> bool:
+        """Does ``call`` open a stream (a generator method)? Such calls run on the loop's
+        thread, which advances every stream."""
+        if type(call) is not Call:
+            return False
+        kind = self._kinds.get(call.method)
+        if kind is None:
+            kind = self._kinds[call.method] = self.kind(call.method)
+        return kind in (Kind.GENERATOR, Kind.ASYNC_GENERATOR)
+
+    def kinds(self) -> dict[str, Kind]:
+        """The kind of every public name of the service, for the server's hello."""
+        names = {n for n in dir(self.service) if not n.startswith("_")}
+        table = {name: self.kind(name) for name in sorted(names)}
+        return {name: kind for name, kind in table.items() if kind is not Kind.UNKNOWN}
+
+    def run(self, call: Call | Get) -> tuple[bool, Any]:
+        """Run one call, or read one attribute: ``(True, result)``, ``(False, exception)``
+        or ``(False, Fail)``."""
+        if type(call) is Get:
+            return self.read(call)
+        assert isinstance(call, Call)
         method = self._methods.get(call.method)
         if method is None:
             try:
@@ -112,14 +177,98 @@ class Dispatcher:
         try:
             return True, method(*call.args, **call.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt go back to the caller too
-            tb = exc.__traceback__
-            if tb is not None and tb.tb_next is not None:
-                exc.__traceback__ = tb.tb_next  # drop this frame from the remote traceback
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                # Drop this frame from the remote traceback. Not through a local: this
+                # frame holding the traceback that holds this frame would be a cycle.
+                exc.__traceback__ = exc.__traceback__.tb_next
+            return False, exc
+
+    def read(self, get: Get) -> tuple[bool, Any]:
+        """The value of a public property or data attribute (its getter runs here)."""
+        kind = self.kind(get.name)
+        if kind not in (Kind.PROPERTY, Kind.ATTRIBUTE):
+            what = "not a public name" if kind is Kind.UNKNOWN else "a method"
+            message = f"{type(self.service).__name__}.{get.name} is {what}; only public "
+            message += "properties and data attributes can be read"
+            return False, Fail(get.call_id, FailKind.METHOD_NOT_FOUND, message)
+        try:
+            return True, getattr(self.service, get.name)
+        except BaseException as exc:
             return False, exc
 
 
+def _check_public(name: object) -> None:
+    """Raise ``MethodNotFoundError`` unless ``name`` may name a public method."""
+    if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
+        raise MethodNotFoundError(
+            f"{name!r} is not served: only public methods of the service can be called "
+            "(no leading underscore, no dots)"
+        )
+
+
+def _name(message: Call | Get) -> str:
+    return message.method if type(message) is Call else message.name  # type: ignore[union-attr]
+
+
+#: What ``_static_attribute`` returns for a name it did not find.
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+
+
+def reply(protocol: ServerProtocol, call: Call | Get, ok: bool, value: Any) -> list[Buffer]:
+    """The frame answering ``call``; a result or exception that fails to pickle in any
+    way is a serialization failure of this call alone.
+
+    Pickling runs the value's own code (``__reduce__``), which may raise any
+    ``BaseException``; the encoder turns an ``Exception`` into a ``Fail``
+    already. Only ``KeyboardInterrupt`` ends the server.
+    """
+    codec = protocol.codec
+    method = _name(call)
+    try:
+        if codec.by_reference is not None and not isinstance(value, Fail):
+            return codec.encode_reply_by_reference(call.call_id, ok, value, method)
+        return protocol.reply(call.call_id, ok, value, method)
+    except SerializationError as exc:
+        return codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, str(exc)))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        what = "result" if ok else "exception"
+        message = f"the {what} of {method}() could not be pickled: {exc!r}"
+        return protocol.codec.encode(Fail(call.call_id, FailKind.SERIALIZATION, message))
+
+
+def forget(error: object) -> None:
+    """Let go of what a raised ``error`` keeps alive, once its reply is encoded (a
+    result is left alone, even an exception: the service may still use it).
+
+    Its traceback holds the frames of the call, and they hold its locals (a big
+    buffer, say) until the cyclic collector runs if there is a cycle among them,
+    which there often is (a frame holding the exception it caught). Clearing the
+    frames' locals and unlinking the tracebacks, also of the exceptions chained
+    to it or grouped in it, frees them at once. A service that keeps the exception
+    it raised keeps it without its traceback.
+    """
+    if not isinstance(error, BaseException):
+        return
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        linked = (exc.__cause__, exc.__context__)
+        exc.__cause__ = exc.__context__ = None
+        pending.extend(e for e in linked if e is not None)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+
+
 def _static_attribute(obj: object, name: str) -> object:
-    """``obj.name`` as stored, without running a descriptor (``None`` if not found).
+    """``obj.name`` as stored, without running a descriptor (``MISSING`` if not found).
 
     The instance's ``__dict__`` first, then the classes of its MRO, as attribute
     look-up goes for anything that is not a data descriptor. A cheap stand-in for
@@ -136,23 +285,36 @@ def _static_attribute(obj: object, name: str) -> object:
             if isinstance(found, property) or name not in instance_dict:
                 return found
             break
-    return instance_dict.get(name)
+    return instance_dict.get(name, MISSING)
 
 
-def serve(service: object, conn: Connection, *, max_concurrency: int = 1) -> None:
+def serve(
+    service: object,
+    conn: Connection,
+    *,
+    max_concurrency: int = 1,
+    untrusted: bool = False,
+    allowed_types: Iterable[type] = (),
+) -> None:
     """Serve ``service`` on ``conn`` until the peer closes or asks to stop.
 
     Args:
         service: the object whose public methods may be called.
         conn: this side of a duplex ``multiprocessing.Pipe``.
         max_concurrency: how many calls may run at once (threads); 1 runs them in order.
+        untrusted: the peer does not trust this process (its ``Client`` has
+            ``untrusted=True``): replies name every class by reference, never by
+            value, and a result holding a type outside ``allowed_types`` fails its
+            call with ``SerializationError`` instead of being sent.
+        allowed_types: the peer's ``allowed_types``.
 
     Raises:
         ValueError: ``max_concurrency`` is not a positive integer.
         ProtocolError: the peer broke the wire protocol.
     """
     check_max_concurrency(max_concurrency)
-    _Loop(service, conn, max_concurrency).run()
+    codec = Codec(by_reference=True, allowed_types=allowed_types) if untrusted else Codec()
+    _Loop(service, conn, max_concurrency, codec).run()
 
 
 def check_max_concurrency(max_concurrency: int) -> None:
@@ -213,9 +375,11 @@ class _Channel:
 
 
 class _Loop:
-    def __init__(self, service: object, conn: Connection, max_concurrency: int) -> None:
+    def __init__(
+        self, service: object, conn: Connection, max_concurrency: int, codec: Codec
+    ) -> None:
         self.dispatcher = Dispatcher(service)
-        self.main = _Channel(conn, ServerProtocol())
+        self.main = _Channel(conn, ServerProtocol(codec, kinds=self.dispatcher.kinds()))
         enlarge_buffers(conn)
         self.side: dict[int, _Channel] = {}  # by descriptor
         self.poller: Poller | None = None  # once there are side channels
@@ -224,6 +388,11 @@ class _Loop:
         # never comes (the client gave up) only leaves the pipe read with recvmsg.
         self.awaited = 0
         self.pool = None
+        self.max_concurrency = max_concurrency
+        #: Runs the coroutines of ``async def`` methods, from the first such call on.
+        self.coroutines: CoroutineRunner | None = None
+        #: The open streams of generator methods, advanced between other work.
+        self.streams = Streams(_send_locked)
         if max_concurrency > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -239,19 +408,45 @@ class _Loop:
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.coroutines is not None:
+                self.coroutines.stop()
+            self.streams.close_all()
             for channel in self.side.values():
                 channel.close()
             for fd in self.main.transport.fds or ():
                 os.close(fd)
 
     def step(self) -> bool:
-        """Read once and answer what came; False once the peer is done."""
+        """Read once and answer what came, then advance open streams; False once the
+        peer is done. With a stream that has room in its window, nothing waits."""
+        if self.streams.runnable():
+            if not self._read_without_waiting():
+                return False
+            self.streams.advance()
+            return True
         if self.poller is None:  # the pipe alone
             return self.answer(self.main, self.main.transport.read_blocking())
         for transport in self.poller.wait():
             channel = self.side.get(transport.fd, self.main)
             try:
                 transport.read_available()
+            except PeerGone:
+                if channel is self.main:
+                    return False
+                self.drop(channel)
+                continue
+            bodies = transport.take()
+            if bodies and not self.answer(channel, bodies):
+                return False
+        return True
+
+    def _read_without_waiting(self) -> bool:
+        """``step()``'s reading, for when streams are waiting to be advanced."""
+        channels = [self.main, *self.side.values()]
+        for channel in channels:
+            transport = channel.transport
+            try:
+                transport.read(0, spin=False)
             except PeerGone:
                 if channel is self.main:
                     return False
@@ -279,15 +474,21 @@ class _Loop:
         protocol = channel.protocol
         if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
             message = protocol.receive(bodies[0])
-            if isinstance(message, Call):
-                ok, value = self.dispatcher.run(message)
-                # One thread writes when there is no pool: no lock needed.
-                channel.write(protocol.reply(message.call_id, ok, value))
+            if isinstance(message, Call | Get):
+                frame = self.run_call(channel, message)
+                if frame is not None:
+                    if self.coroutines is None:  # one thread writes: no lock needed
+                        channel.write(frame)
+                    else:
+                        channel.send(frame)
                 return True
             if message is None:
                 return True
             if isinstance(message, Shutdown):
                 return False
+            if isinstance(message, Credit | Cancel):
+                self.streams.control(message)
+                return True
             channel.send(self.request(channel, message))
             return True
         out: list[Buffer] = []
@@ -296,14 +497,18 @@ class _Loop:
                 message = protocol.receive(body)
                 if message is None:
                     continue
-                if isinstance(message, Call):
-                    if self.pool is not None:
+                if isinstance(message, Credit | Cancel):
+                    self.streams.control(message)
+                    continue
+                if isinstance(message, Call | Get):
+                    if self.pool is not None and not self.dispatcher.streams(message):
                         self.pool.submit(self.run_and_reply, channel, message)
                         continue
                     started = time.perf_counter()
-                    ok, value = self.dispatcher.run(message)
-                    out += protocol.reply(message.call_id, ok, value)
-                    del value
+                    frame = self.run_call(channel, message)
+                    if frame is not None:
+                        out += frame
+                    del frame
                     if time.perf_counter() - started > _FLUSH_AFTER:
                         channel.send(out)
                         out = []
@@ -316,13 +521,34 @@ class _Loop:
                 channel.send(out)
         return True
 
+    def run_call(self, channel: _Channel, call: Call | Get) -> list[Buffer] | None:
+        """Run ``call`` and return its reply, or ``None`` if it goes on as a coroutine
+        (an ``async def`` method), whose reply the coroutine runner sends."""
+        ok, value = self.dispatcher.run(call)
+        if ok and type(value) in (GeneratorType, AsyncGeneratorType):
+            assert type(call) is Call
+            if type(value) is AsyncGeneratorType:
+                value = self._coroutine_runner().steps(value)
+            self.streams.start(channel, call, value)
+            return None
+        if ok and type(value) is CoroutineType:
+            self._coroutine_runner().start(channel, call, value)
+            return None
+        try:
+            return reply(channel.protocol, call, ok, value)
+        finally:
+            if not ok:
+                forget(value)
+
     def request(
-        self, channel: _Channel, message: Fail | OpenChannel | ChannelFrame
+        self, channel: _Channel, message: Fail | Describe | OpenChannel | ChannelFrame
     ) -> list[Buffer]:
         """The reply to a frame that is not a call."""
         protocol = channel.protocol
         if isinstance(message, Fail):
             return protocol.reply(message.call_id, False, message)
+        if isinstance(message, Describe):
+            return protocol.reply(message.call_id, True, int(self.dispatcher.kind(message.name)))
         if channel is not self.main:
             raise ProtocolError(f"{type(message).__name__} came on a side channel")
         transport = self.main.transport
@@ -394,11 +620,36 @@ class _Loop:
         if not self.side:
             self.poller = None
 
-    def run_and_reply(self, channel: _Channel, call: Call) -> None:
-        ok, value = self.dispatcher.run(call)
-        frame = channel.protocol.reply(call.call_id, ok, value)
-        del value
-        try:
-            channel.send(frame)
-        except PeerGone:
-            pass
+    def _coroutine_runner(self) -> CoroutineRunner:
+        if self.coroutines is None:
+            self.coroutines = CoroutineRunner(self.max_concurrency, _send_reply)
+        return self.coroutines
+
+    def run_and_reply(self, channel: _Channel, call: Call | Get) -> None:
+        frame = self.run_call(channel, call)
+        if frame is not None:
+            try:
+                channel.send(frame)
+            except PeerGone:
+                pass
+
+
+def _send_locked(channel: _Channel, frame: list[Buffer]) -> None:
+    try:
+        channel.send(frame)
+    except PeerGone:
+        pass
+
+
+def _send_reply(channel: _Channel, call: Call | Get, ok: bool, value: Any) -> None:
+    """Send the reply of a call that ran as a coroutine (from the runner's thread)."""
+    try:
+        frame = reply(channel.protocol, call, ok, value)
+    finally:
+        if not ok:
+            forget(value)
+    del value
+    try:
+        channel.send(frame)
+    except PeerGone:
+        pass

@@ -287,6 +287,10 @@ class Transport:
                 raise PeerGone(str(exc)) from exc
             self._wait_writable(deadline)
 
+    def unsent_untouched(self) -> bool:
+        """A frame is queued and none of it has been written."""
+        return self._out is not None and not sum(self._counts)
+
     def drop_unstarted(self) -> None:
         """Forget a queued frame none of whose bytes were written."""
         if self._out is not None and not sum(self._counts):

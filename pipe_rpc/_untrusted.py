@@ -18,7 +18,8 @@ Only plain data: ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
 ``frozenset``, nested in any way (recursive lists and dicts included), plus
 instances of the classes the caller passes to :func:`allowed_globals`.
 
-It is the C ``pickle.Unpickler`` with ``find_class`` replaced by a lookup in
+It is the C ``pickle.Unpickler`` (or, for data that could hash keys, the
+Python one: see "Resource limits") with ``find_class`` replaced by a lookup in
 an exact table of ``(module, qualname) -> object`` (:func:`allowed_globals`).
 Every opcode that names a global goes through ``find_class``: ``GLOBAL``,
 ``STACK_GLOBAL``, ``INST`` and the extension-registry opcodes
@@ -71,6 +72,13 @@ parent, for every later use. Likewise ``APPEND`` on the class would call a
 class attribute named ``append``. The cost is that a pickle of the class
 object itself (not an instance) decodes to the stand-in.
 
+Three kinds of class resolve to a guard that takes only the arguments their
+pickle has, because their constructor would do more than linear work on
+others: an ``enum.Enum`` class (a member is looked up by the hash of its
+value, which is priced first, see below), ``fractions.Fraction`` (a gcd) and
+``decimal.Decimal`` (converting a huge int), which take ``str`` and ``int``
+arguments of a bounded size only.
+
 Resource limits
 ===============
 
@@ -88,9 +96,19 @@ input could nest deeper than a small bound (counted from the bytes that can
 make a tuple), it is decoded on a thread whose stack is large enough for
 that depth.
 
-Not covered: CPU time. Integer keys that all hash alike make a ``dict``
-quadratic, so a reply of a few megabytes can take minutes; bound the time
-spent decoding elsewhere if that matters. The extension cache is cleared
+Hashing is priced before it happens, since nothing can stop it once it
+runs in C. A set of one tuple whose items share an inner tuple through the
+memo, 40 levels deep, is 170 bytes and 2**40 leaves to hash; a few
+thousand int keys that all hash to 0 make a ``dict`` quadratic. When the
+input holds an opcode that could build a ``dict``, ``set`` or
+``frozenset`` or name a global, it is decoded by the Python unpickler with
+those opcodes replaced: each key is priced first (``_hash_budget``), and the
+data is refused once hashing it would cost more than a budget that grows
+with its size. That is several times slower than the C unpickler; input
+that can hash nothing still goes through C. An allowed type whose
+constructor or ``__setstate__`` hashes what it is given is not priced.
+
+The extension cache is cleared
 around each decode when it is not empty, but another thread that unpickles
 trusted data with extension codes at the same moment can still put an entry
 there that this decode then uses.
@@ -101,14 +119,19 @@ from __future__ import annotations
 import _compat_pickle
 import contextvars
 import copyreg
+import encodings.raw_unicode_escape  # noqa: F401 - else a protocol 0 UNICODE opcode imports it
+import enum
 import io
 import pickle
 import reprlib
+import struct
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, NoReturn, cast
+from typing import Any, ClassVar, Final, NoReturn, cast
+
+from ._hash_budget import HashBudget, HashCostError, budget_for
 
 __all__ = ["UntrustedDataError", "allowed_globals", "restricted_loads"]
 
@@ -209,6 +232,75 @@ class _Latin1Encode(_GuardedCallable):
             if type(text) is str and type(encoding) is str and encoding == "latin1":
                 return text.encode("latin-1")
         raise self._refuse(args)
+
+
+class _BoundedConstructor(_GuardedCallable):
+    """An allowed class whose constructor does more than linear work on big arguments
+    (``Fraction`` takes a gcd, ``Decimal`` converts an int): only ``str`` and ``int``
+    arguments of a bounded size, as its pickle has them."""
+
+    __slots__ = ("_target",)
+    _target: Any
+
+    def __init__(self, target: type) -> None:
+        object.__setattr__(self, "_target", target)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self._target.__module__}.{self._target.__qualname__}"
+
+    def __call__(self, *args: object) -> Any:
+        if not 1 <= len(args) <= 2 or not all(_small_number(arg) for arg in args):
+            raise self._refuse(args)
+        return self._target(*args)
+
+
+def _small_number(value: object) -> bool:
+    if type(value) is int:
+        return value.bit_length() <= _MOST_NUMBER_BITS
+    return type(value) is str and len(value) <= _MOST_NUMBER_CHARACTERS
+
+
+#: Bounds on the arguments of ``_BoundedConstructor``: far above what real values need.
+_MOST_NUMBER_BITS: Final = 1 << 17
+_MOST_NUMBER_CHARACTERS: Final = 1 << 15
+
+
+class _EnumMember(_GuardedCallable):
+    """An allowed ``Enum`` class: ``cls(value)`` looks the value up by hash, so its hash
+    must be cheap (see ``_hash_budget``)."""
+
+    __slots__ = ("_target",)
+    _target: Any
+
+    def __init__(self, target: type) -> None:
+        object.__setattr__(self, "_target", target)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self._target.__module__}.{self._target.__qualname__}"
+
+    def __call__(self, *args: object) -> Any:
+        if len(args) != 1:
+            raise self._refuse(args)
+        budget = HashBudget(budget_for(0))
+        try:
+            budget.spend(budget.cost(args[0]), f"the value of a {self.name} member")
+        except HashCostError as exc:
+            raise UntrustedDataError(f"untrusted data is too costly to decode: {exc}") from exc
+        return self._target(args[0])
+
+
+def _guarded_constructor(cls: type) -> _GuardedCallable | None:
+    """The stand-in for an allowed class whose constructor needs its arguments bounded."""
+    if isinstance(cls, enum.EnumMeta):
+        return _EnumMember(cls)
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if (fractions is not None and cls is fractions.Fraction) or (
+        decimal is not None and cls is decimal.Decimal
+    ):
+        return _BoundedConstructor(cls)
+    return None
 
 
 # -- stand-ins for allowed classes that could be changed -------------------
@@ -321,7 +413,9 @@ def allowed_globals(allowed_types: Iterable[type] = ()) -> Mapping[tuple[str, st
         key = (module, qualname)
         if key in _PLAIN_GLOBALS:
             raise ValueError(f"allowed type {cls!r} has the reserved name {module}.{qualname}")
-        obj = cls if cls.__flags__ & _IMMUTABLE_TYPE else _stand_in(cls)
+        obj = _guarded_constructor(cls) or (
+            cls if cls.__flags__ & _IMMUTABLE_TYPE else _stand_in(cls)
+        )
         table[key] = obj
         table.setdefault(_protocol2_name(module, qualname), obj)
     return MappingProxyType(table)
@@ -356,6 +450,131 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UntrustedDataError(f"untrusted data may not use persistent id {_show(pid)}")
 
 
+class _HashGuardedUnpickler(pickle._Unpickler):
+    """The Python unpickler, resolving globals through the same table, and counting the
+    cost of every key it hashes before it hashes it (see ``_hash_budget``).
+
+    Only the opcodes that hash (``SETITEM(S)``, ``DICT``, ``ADDITEMS``,
+    ``FROZENSET``, a call of ``set`` or ``frozenset``) and two that would
+    allocate or hash what the peer chose (``BYTEARRAY8``, ``PUT``) differ.
+    """
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    # Set by the base class, which is not typed.
+    stack: list[Any]
+    memo: dict[int, Any]
+    append: Callable[[Any], None]
+    pop_mark: Callable[[], list[Any]]
+    read: Callable[[int], bytes]
+    readline: Callable[[], bytes]
+
+    def __init__(
+        self,
+        file: io.BufferedIOBase,
+        allowed: Mapping[tuple[str, str], object],
+        buffers: Iterable[Any] | None,
+        budget: HashBudget,
+    ) -> None:
+        super().__init__(file, buffers=buffers)
+        self._allowed = allowed
+        self._budget = budget
+
+    find_class = _RestrictedUnpickler.find_class
+    persistent_load = _RestrictedUnpickler.persistent_load
+
+    def _set_items(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, dict):
+            for key in items[::2]:
+                self._budget.insert(target, key)
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def _load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._set_items(self.stack[-1], [key, value])
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._set_items(self.stack[-1], items)
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        built: dict[Any, Any] = {}
+        self._set_items(built, items)
+        self.append(built)
+
+    def _load_additems(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if isinstance(target, set):
+            for item in items:
+                self._budget.insert(target, item)
+        add = target.add
+        for item in items:
+            add(item)
+
+    def _load_frozenset(self) -> None:
+        items = self.pop_mark()
+        self.append(frozenset(self._checked_members(items)))
+
+    def _checked_members(self, items: list[Any]) -> list[Any]:
+        """``items``, once hashing them all into one new set is known to be cheap."""
+        scratch = object()  # stands for the set about to be built
+        for item in items:
+            self._budget.insert(scratch, item)
+        return items
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if (func is set or func is frozenset) and type(args) is tuple and len(args) == 1:
+            (items,) = args
+            if type(items) is list or type(items) is tuple:
+                args = (self._checked_members(list(items)),)
+        self.stack[-1] = func(*args)
+
+    def _load_put(self) -> None:
+        # A text PUT takes any int; ints that hash alike would make the memo quadratic.
+        index = int(self.readline()[:-1])
+        if not 0 <= index < _MEMO_INDEX_LIMIT:
+            raise UntrustedDataError(f"untrusted data uses memo index {_show(index)}")
+        self.memo[index] = self.stack[-1]
+
+    def _load_bytearray8(self) -> None:
+        # The base class allocates (and zeroes) the claimed length before reading it.
+        (size,) = struct.unpack("<Q", self.read(8))
+        data = self.read(size)
+        if len(data) != size:
+            raise UntrustedDataError(f"untrusted data claims a bytearray of {size} bytes")
+        self.append(bytearray(data))
+
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.PUT[0]] = _load_put
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
+
+#: Larger than any memo a pickler writes; smaller than 2**61 - 1, so no two indices hash alike.
+_MEMO_INDEX_LIMIT: Final = 1 << 32
+
+#: Bytes of the opcodes without which no container that hashes can be built: EMPTY_DICT,
+#: DICT, EMPTY_SET, FROZENSET, and those that name a global (a call of ``set``, or of an
+#: allowed type, which may hold a dict): GLOBAL, STACK_GLOBAL, INST, EXT1/2/4.
+_HASHING_OPS: Final = b"}d\x8f\x91c\x93i\x82\x83\x84"
+_NOT_HASHING: Final = bytes(sorted(set(range(256)) - set(_HASHING_OPS)))
+
+
+def _may_hash(raw: bytes) -> bool:
+    """Could decoding ``raw`` hash anything? (Counting data bytes too: it may say yes
+    for nothing, never no for something.)"""
+    return bool(raw.translate(None, _NOT_HASHING))
+
+
 _COPYREG: Final[dict[str, Any]] = vars(copyreg)
 #: copyreg's code -> object cache, shared with the C unpickler, which consults
 #: it *before* calling find_class for EXT1/EXT2/EXT4.
@@ -373,10 +592,20 @@ def _load(raw: bytes, allowed: Mapping[tuple[str, str], object], buffers: Any) -
         # peek() it reads ahead in large blocks instead.
         stream = io.BufferedReader(cast(io.RawIOBase, stream))
     try:
-        value = _RestrictedUnpickler(stream, allowed, buffers).load()
+        unpickler: pickle.Unpickler | _HashGuardedUnpickler
+        if _may_hash(raw):
+            # Slower, but every key is priced before the C code of dict or set hashes it.
+            unpickler = _HashGuardedUnpickler(
+                stream, allowed, buffers, HashBudget(budget_for(len(raw)))
+            )
+        else:
+            unpickler = _RestrictedUnpickler(stream, allowed, buffers)
+        value = unpickler.load()
         trailing = len(stream.read(1))
     except UntrustedDataError:
         raise
+    except HashCostError as exc:
+        raise UntrustedDataError(f"untrusted data is too costly to decode: {exc}") from exc
     except MemoryError as exc:
         raise UntrustedDataError("untrusted data asked for more memory than there is") from exc
     except RecursionError as exc:

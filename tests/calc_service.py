@@ -36,6 +36,35 @@ class ExitingStrError(Exception):
         raise SystemExit(3)
 
 
+class OwnBaseException(BaseException):
+    """A ``BaseException`` that is neither an ``Exception`` nor an interrupt or exit."""
+
+
+#: What ``RefusesToPickle`` raises, by name.
+PICKLING_FAILURES: dict[str, type[BaseException]] = {
+    "GeneratorExit": GeneratorExit,
+    "OwnBaseException": OwnBaseException,
+    "SystemExit": SystemExit,
+}
+
+
+class RefusesToPickle:
+    """A value whose ``__reduce__`` raises a ``BaseException`` (``PICKLING_FAILURES[kind]``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise PICKLING_FAILURES[self.kind](f"{self.kind} from __reduce__")
+
+
+class RefusesToPickleError(Exception):
+    """An exception whose pickling raises a ``BaseException``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise PICKLING_FAILURES[str(self.args[0])]("from __reduce__")
+
+
 class CalcService:
     counter = 0
 
@@ -73,6 +102,12 @@ class CalcService:
             "KeyboardInterrupt": KeyboardInterrupt,
         }
         raise kinds[name]()
+
+    def refuses_to_pickle(self, kind: str) -> RefusesToPickle:
+        return RefusesToPickle(kind)
+
+    def raise_refusing_to_pickle(self, kind: str) -> None:
+        raise RefusesToPickleError(kind)
 
     def make_lock(self) -> threading.Lock:
         return threading.Lock()

@@ -36,6 +36,15 @@ def _no_core_dumps() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def resident_bytes(pid: int) -> int:
+    """The resident memory of process ``pid``, from ``/proc/<pid>/status``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS line for process {pid}")
+
+
 class Victim:
     """A service that misbehaves on request: runaway loops, hangs, memory and fd bombs."""
 
@@ -82,6 +91,16 @@ class Victim:
 
     def allocate(self, nbytes: int) -> int:
         return len(bytearray(nbytes))
+
+    def fail_holding(self, nbytes: int) -> None:
+        """Raise while a local holds ``nbytes`` of memory that has been written to."""
+        buffer = bytearray(nbytes)
+        buffer[:: 1 << 12] = b"x" * len(range(0, nbytes, 1 << 12))  # touch every page
+        raise ValueError(f"failed holding {len(buffer)} bytes")
+
+    def resident_bytes(self) -> int:
+        """This process's resident memory (``VmRSS``)."""
+        return resident_bytes(os.getpid())
 
     def exhaust_memory(self) -> int:
         """Fill the address space down to the last few bytes and keep it full."""
@@ -237,20 +256,32 @@ class Hostile:
     def raise_system_gadget(self, command: str) -> None:
         raise SystemError_(command)
 
-    def system_gadget(self, command: str) -> SystemGadget:
-        return SystemGadget(command)
+    # The replies below are pickled as a trusted child pickles its results, sent by hand:
+    # a child that knows its parent is untrusting refuses to send them itself.
 
-    def import_gadget(self, module: str) -> ImportGadget:
-        return ImportGadget(module)
+    def point_by_pickle(self, x: int, y: int) -> None:
+        self._reply_pickled(Point(x, y))
 
-    def getattr_gadget(self) -> GetattrGadget:
-        return GetattrGadget()
+    def system_gadget(self, command: str) -> None:
+        self._reply_pickled(SystemGadget(command))
 
-    def unknown_module_object(self) -> object:
+    def import_gadget(self, module: str) -> None:
+        self._reply_pickled(ImportGadget(module))
+
+    def getattr_gadget(self) -> None:
+        self._reply_pickled(GetattrGadget())
+
+    def unknown_module_object(self) -> None:
         """An instance of a class from a module only this child has imported."""
         from tests.untrusted_only_module import Thing
 
-        return Thing(1)
+        self._reply_pickled(Thing(1))
+
+    def _reply_pickled(self, value: object) -> None:
+        """Answer this call with ``value`` pickled as a trusted child pickles a result."""
+        from pipe_rpc._codec import dumps
+
+        self.send_reply(int(Tag.RETURN), dumps(value, what="result"))
 
     def make_bytes(self, size: int) -> bytes:
         return bytes(size)
@@ -292,3 +323,35 @@ def fake_server(conn: Connection, replies: list[bytes | tuple[int, bytes]]) -> N
     with contextlib.suppress(EOFError, OSError):
         while True:
             conn.recv_bytes()
+
+
+# -- replies that are small but costly to hash -----------------------------------------
+
+#: Every int ``k * HASH_MODULUS`` hashes to 0.
+HASH_MODULUS = 2**61 - 1
+
+
+def shared_tuple_set(depth: int) -> bytes:
+    """A pickle of ``{t}``, where ``t = (u, u)``, ``u = (v, v)`` ... ``depth`` levels down to
+    ``()``: each level is the one below twice (through the memo), so hashing ``t`` visits
+    ``2**depth`` leaves, from a pickle of about ``4 * depth`` bytes."""
+    body = b"\x80\x04\x8f(" + b")"  # EMPTY_SET, MARK, EMPTY_TUPLE
+    for level in range(depth):
+        # MEMOIZE the top as ``level``, BINGET it back, TUPLE2: (top, top)
+        body += b"\x94h" + bytes([level]) + b"\x86"
+    return body + b"\x90."  # ADDITEMS, STOP
+
+
+def colliding_int_keys(count: int) -> bytes:
+    """A pickle of a dict with ``count`` int keys that all hash to 0.
+
+    Written by hand: building the dict to pickle it would take the quadratic time itself.
+    """
+    body = [b"\x80\x04}"]  # EMPTY_DICT
+    for start in range(1, count + 1, 1000):
+        body.append(b"(")  # MARK
+        for k in range(start, min(start + 1000, count + 1)):
+            key = (k * HASH_MODULUS).to_bytes(12, "little", signed=True)
+            body.append(b"\x8a\x0c" + key + b"N")  # LONG1 key, NONE value
+        body.append(b"u")  # SETITEMS
+    return b"".join(body) + b"."

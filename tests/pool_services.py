@@ -11,6 +11,7 @@ import fcntl
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.services import segfault
@@ -72,6 +73,17 @@ class Worker:
 
     def opaque(self) -> Opaque:
         return Opaque()
+
+    def count(self, n: int) -> Iterator[int]:
+        """A generator method: a stream through the proxy."""
+        yield from range(n)
+
+    async def twice(self, x: int) -> int:
+        return 2 * x
+
+    @property
+    def name(self) -> str:
+        return f"worker {os.getpid()}"
 
 
 class Opaque:

@@ -54,7 +54,11 @@ ERRORS: list[tuple[BaseException, dict[str, object]]] = [
     ),
     (pipe_rpc.CallTimeoutError("add() timed out after 0.5 s"), {}),
     (pipe_rpc.ConnectionLostError("the connection was lost"), {}),
-    (pipe_rpc.WorkerDiedError("x", exitcode=-9), {"exitcode": -9}),
+    (pipe_rpc.WorkerDiedError("x", exitcode=-9), {"exitcode": -9, "stderr_tail": ""}),
+    (
+        pipe_rpc.WorkerDiedError("x", exitcode=-11, stderr_tail="Fatal Python error: ...\n"),
+        {"exitcode": -11, "stderr_tail": "Fatal Python error: ...\n"},
+    ),
     (pipe_rpc.WorkerDiedError("server process 1 exited with code 0", exitcode=0), {"exitcode": 0}),
     (pipe_rpc.ClientClosedError("the client was closed"), {}),
     (pipe_rpc.SerializationError("argument could not be pickled"), {}),

@@ -20,7 +20,7 @@ import pytest
 import pipe_rpc
 from pipe_rpc._client import Client
 from pipe_rpc._process import _child_main
-from tests.calc_service import CalcService, ExitingStrError
+from tests.calc_service import CalcService, ExitingStrError, RefusesToPickleError
 
 METHODS = ["fork", "forkserver", "spawn"]
 
@@ -100,10 +100,24 @@ def test_unknown_and_private_methods(server: pipe_rpc.Server[CalcService]) -> No
     with pytest.raises(pipe_rpc.MethodNotFoundError):
         server.proxy.nope()  # type: ignore[attr-defined]
     assert not hasattr(server.proxy, "_anything")  # answered locally
-    for name in ["a.b", "counter", "prop", "nope"]:
+    for name in ["a.b", "nope"]:
         with pytest.raises(pipe_rpc.MethodNotFoundError):
             getattr(server.proxy, name)()
     assert server.proxy.add(3, 3) == 6
+
+
+def test_properties_and_attributes_are_read_not_called(
+    server: pipe_rpc.Server[CalcService],
+) -> None:
+    """Reading a public property or data attribute through a proxy fetches its value;
+    calling it by name is still ``MethodNotFoundError``; assigning is refused."""
+    client = server._handle.child.client  # type: ignore[union-attr]
+    for name in ["counter", "prop"]:
+        with pytest.raises(pipe_rpc.MethodNotFoundError, match="read it as proxy"):
+            client.call(name)
+    assert server.proxy.counter == 0  # (reading prop would run its getter, which fails)
+    with pytest.raises(AttributeError):
+        server.proxy.counter = 5
 
 
 def test_underscore_names_are_refused_by_the_server_too() -> None:
@@ -139,6 +153,34 @@ def test_unpicklable_result_is_serialization_error_and_child_lives(
     pid = server.pid
     with pytest.raises(pipe_rpc.SerializationError, match="result"):
         server.proxy.make_lock()
+    assert server.proxy.add(1, 2) == 3
+    assert server.pid == pid
+
+
+# SystemExit from a __reduce__ already failed only its call; these did not.
+BASE_EXCEPTIONS = ["GeneratorExit", "OwnBaseException"]
+
+
+@pytest.mark.parametrize("kind", BASE_EXCEPTIONS)
+def test_a_result_whose_pickling_raises_a_base_exception_fails_only_its_call(
+    server: pipe_rpc.Server[CalcService], kind: str
+) -> None:
+    pid = server.pid
+    with pytest.raises(pipe_rpc.SerializationError, match=f"refuses_to_pickle.*{kind}"):
+        server.proxy.refuses_to_pickle(kind)
+    assert server.proxy.add(1, 2) == 3
+    assert server.pid == pid
+
+
+@pytest.mark.parametrize("kind", BASE_EXCEPTIONS)
+def test_an_exception_whose_pickling_raises_a_base_exception_is_rebuilt_from_its_parts(
+    server: pipe_rpc.Server[CalcService], kind: str
+) -> None:
+    pid = server.pid
+    with pytest.raises(RefusesToPickleError) as info:
+        server.proxy.raise_refusing_to_pickle(kind)
+    assert info.value.args == (kind,)
+    assert "raise_refusing_to_pickle" in str(info.value.__cause__)
     assert server.proxy.add(1, 2) == 3
     assert server.pid == pid
 
@@ -406,12 +448,13 @@ def test_concurrent_calls_run_at_once_with_max_concurrency() -> None:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_fresh_child_imports_only_what_it_needs(method: Literal["forkserver", "spawn"]) -> None:
-    """attrs, cloudpickle and inspect cost milliseconds of every start; the child loads
-    the first two only when given limits or a by-value payload, and never the third."""
+    """attrs, cloudpickle, inspect and logging cost milliseconds of every start; the child
+    loads the first two only when given limits or a by-value payload, never the others."""
     with pipe_rpc.spawn(CalcService, start_method=method) as calc:
         assert not calc.imported("attrs")
         assert not calc.imported("cloudpickle")
         assert not calc.imported("inspect")
+        assert not calc.imported("logging")
     with pipe_rpc.spawn(CalcService, start_method=method, limits=pipe_rpc.Limits()) as calc:
         assert calc.imported("attrs")
 

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 # Each example's expected output lines, as regular expressions matched in order.
-#: Examples with a test of their own elsewhere (sandbox: tests/test_isolation.py).
-TESTED_ELSEWHERE = {"sandbox"}
+#: Examples with a test of their own elsewhere (sandbox: tests/test_isolation.py; ray_cluster
+#: needs Ray, which this suite does not install: tests_ray/test_ray.py runs it).
+TESTED_ELSEWHERE = {"sandbox", "ray_cluster"}
 
 EXPECTED: dict[str, list[str]] = {
     "quickstart": [
@@ -35,6 +36,7 @@ EXPECTED: dict[str, list[str]] = {
         r"first child pid: \d+",
         r"call failed: .*SIGSEGV.*",
         r"exitcode: -11",
+        r"the stack names crash\(\): True",
         r"second child pid: \d+",
         r"fresh child: True",
         r"parent \d+ is still running",

@@ -26,7 +26,7 @@ import pytest
 
 import pipe_rpc
 from pipe_rpc._process import KILL_GRACE, StartMethod
-from tests.isolation_services import Victim
+from tests.isolation_services import Victim, resident_bytes
 
 METHODS: list[StartMethod] = ["fork", "forkserver", "spawn"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,6 +235,36 @@ def test_memory_bomb_is_memory_error_and_the_child_lives(method: StartMethod) ->
         assert victim.pid() == pid
         assert victim.allocate(16 * MiB) == 16 * MiB  # small allocations still work
     assert [resource.getrlimit(r) for r in _RLIMITS] == parent_limits  # the parent is unaffected
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_a_failed_call_frees_its_locals_before_the_caller_has_the_error(
+    method: StartMethod, max_concurrency: int
+) -> None:
+    with pipe_rpc.spawn(
+        Victim, start_method=method, timeout=20, max_concurrency=max_concurrency
+    ) as victim:
+        pid = victim.pid()
+        before = resident_bytes(pid)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="failed holding"):
+                victim.fail_holding(200 * MiB)
+            # Read from here, with no call since: the child is idle, and holds what it holds.
+            assert resident_bytes(pid) < before + 64 * MiB
+        assert victim.pid() == pid
+
+
+@pytest.mark.timeout(60)
+def test_failed_calls_in_a_row_stay_within_a_memory_limit(method: StartMethod) -> None:
+    limits = pipe_rpc.Limits(memory_bytes=_memory_limit(method))
+    with pipe_rpc.spawn(Victim, start_method=method, limits=limits, timeout=20) as victim:
+        pid = victim.pid()
+        for _ in range(5):  # 1000 MiB in all, under a limit of 512 MiB more than at start
+            with pytest.raises(ValueError, match="failed holding"):
+                victim.fail_holding(200 * MiB)
+        assert victim.pid() == pid
+        assert victim.ping() == "pong"
 
 
 @pytest.mark.timeout(30)

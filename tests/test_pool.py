@@ -268,9 +268,15 @@ def test_a_failing_replacement_is_retried_and_reported(
             return len(pool.pids) == 2 and victim not in pool.pids and all_ready(pool)  # noqa: B023
 
         wait_for(replaced, f"round {round_}: a replacement that starts")
-    failures = [r for r in caplog.records if r.name == "pipe_rpc" and r.levelno == logging.WARNING]
-    assert len(failures) == 2, [r.getMessage() for r in failures]
-    assert all("fails on purpose" in r.getMessage() for r in failures)
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pipe_rpc"
+        and r.levelno == logging.WARNING
+        and "could not be replaced" in r.getMessage()
+    ]
+    assert len(failures) == 2, failures
+    assert all("fails on purpose" in message for message in failures)
     assert (tmp_path / "starts").read_text() == "6"  # 2, then two rounds of a failure and a start
 
 
@@ -485,6 +491,50 @@ def test_untrusted_applies_to_every_child(pools: list[pipe_rpc.Pool[Worker]]) ->
             pool.proxy.opaque()
     assert pool.proxy.square(5) == 25
     wait_for(lambda: all_ready(pool), "every child to answer again")
+
+
+# -- futures, asyncio, streams, attributes ------------------------------------------
+
+
+def test_submit_acall_streams_and_attributes_go_through_the_pool(
+    pools: list[pipe_rpc.Pool[Worker]],
+) -> None:
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    assert pipe_rpc.submit(pool.proxy.square, 6).result(SETTLE) == 36
+    assert list(pool.proxy.count(4)) == [0, 1, 2, 3]
+    assert pool.proxy.name.startswith("worker ")
+
+    async def main() -> list[int]:
+        twice = await pool.proxy.twice(4)
+        squared = await pipe_rpc.acall(pool.proxy.square, 5)
+        streamed = [x async for x in pipe_rpc.astream(pool.proxy.count, 3)]
+        return [twice, squared, *streamed]
+
+    assert asyncio.run(main()) == [8, 25, 0, 1, 2]
+    # An open stream is a call in flight on its child: the next call goes elsewhere.
+    stream = pool.proxy.count(2)
+    first = next(stream)
+    assert first == 0
+    busy = set(pool.pids) - {pool.proxy.pid()}
+    assert len(busy) == 1
+    stream.close()  # type: ignore[attr-defined]
+    # Every call was given back: both children are idle, calls from one thread stay put.
+    assert len({pool.proxy.pid() for _ in range(5)}) == 1
+
+
+def test_a_cancelled_future_under_kill_replaces_its_child(
+    gate: Path, tmp_path: Path, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    pool = pipe_rpc.pool(Worker, size=2, on_timeout="kill", start_method="forkserver")
+    pools.append(pool)
+    marker = tmp_path / "held"
+    future = pipe_rpc.submit(pool.proxy.hold, str(gate), str(marker))
+    wait_for(marker.exists, "the held call to reach its child")
+    held = int(marker.read_text())
+    assert future.cancel()
+    wait_for(lambda: gone(held), "the cancelled call's child to be killed")
+    wait_for(lambda: held not in pool.pids and all_ready(pool), "its replacement")
 
 
 # -- closing ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import OOB_BYTES, Codec, _format_exception_only, format_traceback
+from pipe_rpc._codec import OOB_BYTES, Codec, _format_exception_only, dumps, format_traceback
 from pipe_rpc._messages import Call, Channel, Fail, Hello, OpenChannel, Raise, Shutdown, Tag
 from pipe_rpc._protocol import ClientProtocol, ServerProtocol
 from pipe_rpc._server import Dispatcher
@@ -515,3 +515,11 @@ def test_arguments_that_are_not_plain_still_go_by_the_full_path() -> None:
     call = Codec().decode(body)
     assert isinstance(call, Call)
     assert call.args[1].__name__ == "Local"
+
+
+@pytest.mark.parametrize("kind", ["GeneratorExit", "OwnBaseException"])
+def test_dumps_turns_any_base_exception_of_a_reduce_into_serialization_error(kind: str) -> None:
+    from tests.calc_service import RefusesToPickle
+
+    with pytest.raises(SerializationError, match=f"the value could not be pickled: .*{kind}"):
+        dumps(RefusesToPickle(kind), what="the value")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import pickle
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import cloudpickle
@@ -62,6 +63,23 @@ class KeyValueStore(Protocol):
 
 def make_calculator(scale: int) -> Calculator:
     return Calculator()
+
+
+class Fetcher:
+    count: int = 0
+
+    async def fetch(self, url: str) -> bytes:
+        return url.encode()
+
+    @property
+    def size(self) -> int:
+        return 0
+
+    def pages(self, n: int) -> Iterator[bytes]:
+        yield b""
+
+    async def events(self) -> AsyncIterator[str]:
+        yield ""
 '''
 
 
@@ -383,7 +401,124 @@ REVEALS = [
     ),
 ]
 
+REVEALS += [
+    # Futures and asyncio (contract section 7), attributes (section 3b)
+    Case(
+        "submit_plain",
+        """
+        with pipe_rpc.spawn(Calculator) as calc:
+            reveal_type(pipe_rpc.submit(calc.add, 1, 2))
+        """,
+        revealed=r"concurrent\.futures\._base\.Future\[int\]",
+    ),
+    Case(
+        "acall_plain",
+        """
+        with pipe_rpc.spawn(Calculator) as calc:
+            reveal_type(await pipe_rpc.acall(calc.add, 1, 2))
+        """,
+        revealed=r"int",
+    ),
+    Case(
+        "acall_async_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(await pipe_rpc.acall(fetcher.fetch, "u"))
+        """,
+        revealed=r"bytes",
+    ),
+    Case(
+        "await_async_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(await fetcher.fetch("u"))
+        """,
+        revealed=r"bytes",
+    ),
+    Case(
+        "aspawn",
+        "reveal_type(await pipe_rpc.aspawn(Calculator, timeout=1.0))",
+        revealed=r"pipe_rpc\._process\.Server\[\w+\.Calculator\]",
+    ),
+    Case(
+        "async_with_target",
+        """
+        async with await pipe_rpc.aspawn(Calculator) as calc:
+            reveal_type(calc)
+        """,
+        revealed=r"\w+\.Calculator",
+    ),
+    Case(
+        "property_read",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.size)
+        """,
+        revealed=r"int",
+    ),
+    Case(
+        "attribute_read",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.count)
+        """,
+        revealed=r"int",
+    ),
+]
+
+REVEALS += [
+    # Streaming (contract section 8)
+    Case(
+        "generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.pages(3))
+        """,
+        revealed=r"typing\.Iterator\[bytes\]|collections\.abc\.Iterator\[bytes\]",
+    ),
+    Case(
+        "astream_generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(pipe_rpc.astream(fetcher.pages, 3))
+        """,
+        revealed=r"(typing|collections\.abc)\.AsyncIterator\[bytes\]",
+    ),
+    Case(
+        "async_generator_method",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            reveal_type(fetcher.events())
+        """,
+        revealed=r"(typing|collections\.abc)\.AsyncIterator\[str\]",
+    ),
+]
+
 REJECTS = [
+    Case(
+        "acall_wrong_argument",
+        """
+        with pipe_rpc.spawn(Calculator) as calc:
+            await pipe_rpc.acall(calc.add, "1", 2)
+        """,
+        error_code=r"arg-type|call-overload",
+    ),
+    Case(
+        "submit_missing_argument",
+        """
+        with pipe_rpc.spawn(Calculator) as calc:
+            pipe_rpc.submit(calc.add, 1)
+        """,
+        error_code=r"call-arg|call-overload",
+    ),
+    Case(
+        "property_assignment",
+        """
+        with pipe_rpc.spawn(Fetcher) as fetcher:
+            fetcher.size = 3
+        """,
+        error_code=r"misc|property",
+    ),
     Case(
         "wrong_argument_type",
         """
@@ -612,7 +747,8 @@ def _write(path: Path, cases: list[Case]) -> Snippets:
     snippets = Snippets(path)
     for case in cases:
         body = textwrap.dedent(case.code).strip("\n").splitlines()
-        lines += ["", "", f"def case_{case.name}() -> None:"]
+        kind = "async def" if "await " in case.code or "async with" in case.code else "def"
+        lines += ["", "", f"{kind} case_{case.name}() -> None:"]
         first = len(lines) + 1
         lines += [textwrap.indent(line, "    ") if line else "" for line in body]
         snippets.spans[case.name] = (first, len(lines))

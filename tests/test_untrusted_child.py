@@ -13,10 +13,12 @@ Each rejected reply must raise ``ProtocolError``, run nothing, import nothing
 from __future__ import annotations
 
 import copyreg
+import json
 import multiprocessing
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -195,7 +197,11 @@ def test_a_type_not_allowed_is_a_protocol_error(tmp_path: Path) -> None:
     server = _spawn()
     try:
         assert_rejected(
-            server, lambda h: h.point(3, 4), tmp_path, name="type-not-allowed", match="Point"
+            server,
+            lambda h: h.point_by_pickle(3, 4),
+            tmp_path,
+            name="type-not-allowed",
+            match="Point",
         )
     finally:
         server.close()
@@ -495,3 +501,27 @@ def test_frame_bytes_matches_connection_framing() -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- small replies that would take hours to hash ------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shape", ["shared-tuples", "colliding-ints"])
+def test_a_reply_costly_to_hash_is_refused_and_the_parent_keeps_running(shape: str) -> None:
+    """The parent runs in a process of its own: a parent that hashed such a reply would hold
+    the GIL in C for hours, out of reach of any timeout inside it."""
+    script = Path(__file__).resolve().parent / "hash_flood_parent.py"
+    done = subprocess.run(
+        [sys.executable, str(script), shape],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome["error"] == "ProtocolError", outcome
+    assert "too costly to decode" in outcome["message"]
+    assert outcome["ticker_alive"], "a thread of the parent stopped running"
+    assert not outcome["child_alive"], "the child that sent it was not killed"

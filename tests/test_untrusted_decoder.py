@@ -797,6 +797,83 @@ def test_comparing_deeply_nested_tuples_decodes_or_is_refused() -> None:
         assert len(value) == 1
 
 
+# -- the cost of hashing ---------------------------------------------------------------
+
+
+def shared_tuple(depth: int) -> tuple[Any, ...]:
+    """``(t, t)`` where ``t = (u, u)`` ... ``depth`` levels: ``2**depth`` leaves, few objects."""
+    node: tuple[Any, ...] = ()
+    for _ in range(depth):
+        node = (node, node)
+    return node
+
+
+SHARED = 24  # 2**24 leaves: a fraction of a second to hash, over the budget of a short pickle
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda key: {key},
+        lambda key: {key: None},
+        lambda key: frozenset({key}),
+        lambda key: [1, {"k": [{(1, key)}]}],
+        lambda key: {FrozenPoint(1, key)},
+    ],
+    ids=["set", "dict-key", "frozenset", "nested", "allowed-type-field"],
+)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_key_whose_hash_visits_shared_items_many_times_is_refused(
+    wrap: Any, protocol: int
+) -> None:
+    allowed = allowed_globals([FrozenPoint])
+    # The pickler writes the shared inner tuple once and refers to it through the memo.
+    cheap = pickle.dumps(wrap(shared_tuple(8)), protocol)
+    assert restricted_loads(cheap, allowed=allowed) == wrap(shared_tuple(8))
+    costly = pickle.dumps(wrap(shared_tuple(SHARED)), protocol)
+    assert len(costly) < 1000
+    error = assert_rejected(costly, allowed=allowed)
+    assert "too costly to decode" in str(error)
+
+
+def test_a_set_call_at_protocol_2_with_a_costly_key_is_refused() -> None:
+    data = pickle.dumps({shared_tuple(SHARED)}, 2)
+    assert text_global("__builtin__", "set") in data  # set([...]) at protocol 2
+    assert "too costly" in str(assert_rejected(data))
+
+
+def test_int_keys_that_all_hash_alike_are_refused_in_a_dict_and_a_set() -> None:
+    modulus = 2**61 - 1  # k * modulus hashes to 0 for every k
+    colliding = [k * modulus for k in range(1, 4001)]
+    spread = list(range(1, 4001))
+    assert restricted_loads(pickle.dumps(dict.fromkeys(spread), 5), allowed=PLAIN) == (
+        dict.fromkeys(spread)
+    )
+    assert restricted_loads(pickle.dumps(set(spread), 5), allowed=PLAIN) == set(spread)
+    for value in (dict.fromkeys(colliding), set(colliding), frozenset(colliding)):
+        error = assert_rejected(pickle.dumps(value, 5))
+        assert "keys that all hash to 0" in str(error)
+
+
+def test_ordinary_hashed_data_of_some_size_decodes() -> None:
+    value = {
+        "rows": [{"id": i, "name": f"n{i}", "tags": {"a", "b", i % 7}} for i in range(20_000)],
+        "index": {(i, str(i), (i, -i)): [i] for i in range(20_000)},
+        "words": frozenset(f"w{i}" for i in range(20_000)),
+        "many_small_collisions": {-1: 1, -2: 2},  # both hash to -2
+    }
+    # Beside the hashed data, one costly key: the whole pickle is refused.
+    costly = pickle.dumps([value, {shared_tuple(SHARED)}], 5)
+    assert_rejected(costly)
+    assert restricted_loads(pickle.dumps(value, 5), allowed=PLAIN) == value
+
+
+def test_a_text_put_with_an_index_that_hashes_like_others_is_refused() -> None:
+    data = b"(lp" + str(2**61 - 1).encode() + b"\n}."  # PUT <2**61 - 1>; the dict forces checks
+    error = assert_rejected(data)
+    assert "memo index" in str(error)
+
+
 # -- garbage -----------------------------------------------------------------------
 
 
