@@ -55,6 +55,7 @@ from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
 from ._scripts import main_for_children, missing_guard_message, unguarded_main_call
 from ._server import check_max_concurrency, serve
+from ._stats import Counters, snapshot
 from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # imported when used: the child needs attrs only when given l
     from concurrent.futures import Future
 
     from ._limits import Limits
+    from ._stats_types import Stats
 
 T = TypeVar("T")
 
@@ -283,6 +285,7 @@ class _Child:
         self.exitcode: int | None = None
         self.generation = fork_generation()
         self.ended = False  # has_ended() saw it end
+        self.counters: Counters | None = None  # the server's, which counts its deaths
         self._local = threading.local()
         self.stderr = stderr
         self.method = method
@@ -357,6 +360,8 @@ class _Child:
         self.death_logged = True
         if exitcode is None:
             exitcode = self.exitcode
+        if self.counters is not None:
+            self.counters.died(_reason(exitcode))
         last = ""
         if self.stderr is not None:
             self.stderr.finish()
@@ -531,6 +536,7 @@ class Server(Generic[T]):
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
         self._generation = fork_generation()
+        self._counters = Counters()
         self._handle = _Handle()
         _LIVE.add(self._handle)
         finalizer = weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
@@ -583,6 +589,9 @@ class Server(Generic[T]):
         client.death_hint = _death_hint(self._limits, stderr)
         client.death_tail = stderr.tail
         child = _Child(guarded, client, stderr, self._method)
+        child.counters = self._counters
+        client._core.counters = self._counters
+        self._counters.started(restart=previous is not None)
         self._handle.child = child
         try:
             client.wait_ready(self._start_timeout)
@@ -762,6 +771,19 @@ class Server(Generic[T]):
             child.stop(graceful=0)
 
     # -- public -------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of this server's counts, over all its children so far.
+
+        Per method: calls, errors, timeouts, calls in flight and the latency of
+        recent calls; and the children started, restarted, and dead by reason.
+
+        Example::
+
+            add = server.stats().methods["add"]
+            print(add.calls, add.p50_us)
+        """
+        return snapshot([self._counters])
 
     @property
     def pid(self) -> int | None:
