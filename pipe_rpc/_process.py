@@ -893,11 +893,48 @@ def spawn(
 ) -> Server[T]:
     """Start ``factory()`` in a child process and return the handle to it.
 
-    Returns once the service is built and answering. See the README for every option.
+    Returns once the service is built and has answered the handshake. The
+    handle's ``proxy`` (and the target of ``with spawn(...) as proxy:``) is typed
+    as the service.
+
+    Args:
+        factory: called once in the child to build the service: a class, a
+            ``functools.partial``, a lambda or a closure (it travels with cloudpickle).
+        timeout: default seconds for every call (``None``: no bound; a dead child
+            still fails a call at once).
+        start_method: ``"fork"``, ``"forkserver"`` or ``"spawn"``; ``None`` is
+            ``forkserver`` where the platform has it, else ``spawn``.
+        on_timeout: ``"abandon"`` (the child goes on; the late reply is dropped) or
+            ``"kill"`` (the child's process group is killed).
+        restart: ``"never"``, or ``"on-failure"``: the next call after a death
+            starts a fresh child from the same factory (a call in flight is never
+            retried).
+        max_concurrency: how many calls may run at once in the child (threads;
+            ``async def`` methods run as tasks on one event loop).
+        limits: ``Limits`` applied in the child before the factory runs.
+        untrusted: decode everything from the child with the restricted decoder.
+        name: the child process's name.
+        allowed_types: with ``untrusted``, the types a reply may hold besides
+            plain data (``pipe_rpc.SAFE_TYPES`` offers the safe standard ones).
+        max_reply_bytes: refuse replies larger than this (``ProtocolError``);
+            64 MiB by default with ``untrusted``.
+        start_timeout: seconds to wait for the factory (here and on a restart);
+            past it the child is killed and ``StartupError`` says so.
+
+    Returns:
+        The ``Server`` handle: ``.proxy``, ``.pid``, ``.stats()``, ``.close()``...
 
     Raises:
         ValueError: an option is out of range.
-        StartupError: the factory raised, or the child died while starting.
+        TypeError: ``factory`` is not callable.
+        StartupError: the factory raised (its traceback is the ``__cause__``), the
+            child died while starting (a script with no main guard is named), or
+            ``start_timeout`` passed.
+
+    Example::
+
+        with pipe_rpc.spawn(Calculator, timeout=5.0) as calc:
+            assert calc.add(1, 2) == 3
     """
     if start_method is not None and start_method not in _METHODS:
         raise ValueError(f"start_method must be one of {_METHODS} or None, got {start_method!r}")

@@ -79,3 +79,16 @@ def test_restarts_and_deaths_by_reason() -> None:
     assert stats.starts == 4
     assert stats.restarts == 3
     assert dict(stats.deaths) == {"exit 3": 2, "SIGSEGV": 1}
+
+
+class SlowFactory:
+    def __init__(self) -> None:
+        import time
+
+        time.sleep(30)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_factory_past_start_timeout_is_killed_and_said(method: str) -> None:
+    with pytest.raises(pipe_rpc.StartupError, match="start_timeout=0.5"):
+        pipe_rpc.spawn(SlowFactory, start_method=method, start_timeout=0.5)  # type: ignore[arg-type]
