@@ -90,5 +90,5 @@ class SlowFactory:
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_a_factory_past_start_timeout_is_killed_and_said(method: str) -> None:
-    with pytest.raises(pipe_rpc.StartupError, match="start_timeout=0.5"):
+    with pytest.raises(pipe_rpc.StartupError, match=r"start_timeout=0\.5"):
         pipe_rpc.spawn(SlowFactory, start_method=method, start_timeout=0.5)  # type: ignore[arg-type]
