@@ -1,14 +1,15 @@
 """Counting calls, errors, timeouts, latency, starts and deaths, in the parent.
 
-``Counters`` is what a server's connections count into, across restarts: one
-lock taken twice a call (as it starts and as it ends), a few integer updates,
-and the call's latency kept in a ring of the last ``RECENT`` calls per method.
+``Counters`` is what a server's connections count into, across restarts: no
+lock and no allocation per call (``itertools.count`` for the counts, a ring of
+the last ``RECENT`` latencies per method, each updated by one C call).
 ``snapshot()`` makes the frozen ``Stats`` the user sees (attrs classes, built
 only then: attrs is imported when stats are first asked for).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -28,21 +29,40 @@ OK, ERROR, TIMEOUT = 0, 1, 2
 
 
 class _Method:
-    __slots__ = ("calls", "errors", "in_flight", "latencies", "timeouts")
+    """One method's counts. Each is an ``itertools.count`` whose ``next()`` is one C
+    call, so a call is counted without a lock; the latencies go to a ring whose
+    ``append`` is one C call too."""
+
+    __slots__ = ("ended", "errors", "latencies", "started", "timeouts")
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.errors = 0
-        self.timeouts = 0
-        self.in_flight = 0
+        self.started = itertools.count()
+        self.ended = itertools.count()
+        self.errors = itertools.count()
+        self.timeouts = itertools.count()
         self.latencies: deque[int] = deque(maxlen=RECENT)
+
+    def raw(self) -> _Raw:
+        started, ended = _value(self.started), _value(self.ended)
+        return (
+            ended,
+            _value(self.errors),
+            _value(self.timeouts),
+            started - ended,
+            list(self.latencies),
+        )
+
+
+def _value(counter: itertools.count[int]) -> int:
+    """How many times ``next()`` was called on ``counter`` (without calling it)."""
+    return int(repr(counter)[6:-1])  # "count(7)"
 
 
 class Counters:
     """A server's counts (or a pool member's, summed by the pool)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # only for a method's first call, and for starts
         self._methods: dict[str, _Method] = {}
         self.starts = 0
         self.restarts = 0
@@ -50,25 +70,22 @@ class Counters:
 
     def begin(self, method: str) -> int:
         """A call of ``method`` starts; returns the time to give to ``end``."""
-        with self._lock:
-            counts = self._methods.get(method)
-            if counts is None:
-                counts = self._methods[method] = _Method()
-            counts.in_flight += 1
+        counts = self._methods.get(method)
+        if counts is None:
+            with self._lock:
+                counts = self._methods.setdefault(method, _Method())
+        next(counts.started)
         return time.perf_counter_ns()
 
     def end(self, method: str, started: int, outcome: int) -> None:
         """A call of ``method`` ended (``OK``, ``ERROR`` or ``TIMEOUT``)."""
-        elapsed = time.perf_counter_ns() - started
-        with self._lock:
-            counts = self._methods[method]
-            counts.in_flight -= 1
-            counts.calls += 1
-            if outcome == ERROR:
-                counts.errors += 1
-            elif outcome == TIMEOUT:
-                counts.timeouts += 1
-            counts.latencies.append(elapsed)
+        counts = self._methods[method]
+        counts.latencies.append(time.perf_counter_ns() - started)
+        if outcome == ERROR:
+            next(counts.errors)
+        elif outcome == TIMEOUT:
+            next(counts.timeouts)
+        next(counts.ended)
 
     def died(self, reason: str) -> None:
         with self._lock:
@@ -80,16 +97,12 @@ class Counters:
             if restart:
                 self.restarts += 1
 
-    def raw(
-        self,
-    ) -> tuple[dict[str, tuple[int, int, int, int, list[int]]], int, int, dict[str, int]]:
+    def raw(self) -> tuple[dict[str, _Raw], int, int, dict[str, int]]:
         """The counts as plain data (for a pool to sum)."""
         with self._lock:
-            methods = {
-                name: (m.calls, m.errors, m.timeouts, m.in_flight, list(m.latencies))
-                for name, m in self._methods.items()
-            }
-            return methods, self.starts, self.restarts, dict(self.deaths)
+            methods = dict(self._methods)
+            starts, restarts, deaths = self.starts, self.restarts, dict(self.deaths)
+        return {name: m.raw() for name, m in methods.items()}, starts, restarts, deaths
 
 
 def snapshot(parts: list[Counters]) -> Stats:
