@@ -18,6 +18,7 @@ from typing import Any
 from pipe_rpc._codec import Codec, hello
 from pipe_rpc._messages import Items, Kind, Tag
 from pipe_rpc._streams import BATCH_ITEMS, WINDOW_ITEMS
+from tests.calc_service import CalcService
 from tests.isolation_services import (
     BODY_HEAD,
     Point,
@@ -25,6 +26,7 @@ from tests.isolation_services import (
     _no_core_dumps,
     _server_loop,
     plain_data,
+    resident_bytes,
 )
 
 #: Frames of ``BATCH_ITEMS`` items that together overrun the window by one frame.
@@ -115,3 +117,28 @@ def flooding_server(conn: Connection, frames: int, kind: int, flag_path: str) ->
     with contextlib.suppress(EOFError, OSError):
         while True:
             conn.recv_bytes()
+
+
+class StreamCalc(CalcService):
+    """``CalcService`` (``meet``, ``side_channels``, ...) with generator methods."""
+
+    def rows(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    def chunks(self, count: int, size: int) -> Iterator[bytes]:
+        """``count`` items of ``size`` bytes, each a fresh buffer that says its number."""
+        for i in range(count):
+            self.__dict__["_produced"] = i + 1
+            yield i.to_bytes(8, "little") * (size // 8)
+
+    def produced(self) -> int:
+        """How many items ``chunks`` has made so far."""
+        return int(self.__dict__.get("_produced", 0))
+
+    def streams_on_the_pipe(self) -> list[bool]:
+        """For each open stream of this child, whether its frames go on the pipe."""
+        loop = _server_loop()
+        return [stream.channel is loop.main for stream in list(loop.streams._open.values())]
+
+    def resident_bytes(self) -> int:
+        return resident_bytes(os.getpid())
