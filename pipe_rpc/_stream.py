@@ -148,6 +148,8 @@ class _StreamBase:
         first = not self._closed
         self._closed = True
         if first:
+            if not self._call.ok and self._core.broken is not None:
+                self._on_error(self._call.value)  # a ProtocolError kills the child
             self._call.finish()
 
     def _timed_out(self) -> CallTimeoutError:
