@@ -27,7 +27,7 @@ from ._streams import WINDOW_ITEMS
 T = TypeVar("T")
 
 #: Credit is sent once this many frames have been taken (and when a wait begins).
-_CREDIT_EVERY = 2
+_CREDIT_EVERY = 1
 
 
 class StreamCall(PendingCall):
