@@ -32,6 +32,7 @@ from benchmarks.peers import Pyro, Rpyc  # noqa: E402
 from benchmarks.pool import fig_pool  # noqa: E402
 from benchmarks.report import machine_info, render, write_json  # noqa: E402
 from benchmarks.speed import fig_echo, fig_latency, fig_threads  # noqa: E402
+from benchmarks.streaming import fig_stream  # noqa: E402
 from benchmarks.systems import (  # noqa: E402
     BASELINE,
     Manager,
@@ -52,6 +53,7 @@ FIGURES: tuple[tuple[str, Callable[[list[Slot], Settings], Section]], ...] = (
     ("latency", fig_latency),
     ("threads", fig_threads),
     ("echo", fig_echo),
+    ("stream", fig_stream),
     ("rss", fig_rss),
     ("startup", fig_startup),
     ("crash", fig_crash),
@@ -59,7 +61,7 @@ FIGURES: tuple[tuple[str, Callable[[list[Slot], Settings], Section]], ...] = (
     ("pool", fig_pool),
 )
 #: Printed order: the figure numbers.
-PRINT_ORDER = ("latency", "threads", "echo", "startup", "crash", "kill", "rss", "pool")
+PRINT_ORDER = ("latency", "threads", "echo", "startup", "crash", "kill", "rss", "stream", "pool")
 
 METHODS = ("fork", "forkserver", "spawn")
 HELPERS = ("forkserver", "resource_tracker")  # multiprocessing's own helpers end with us

@@ -25,6 +25,7 @@ if _typing.TYPE_CHECKING:
     from ._limits import Limits
     from ._pool import Pool, pool
     from ._safe_types import SAFE_TYPES
+    from ._stats_types import MethodStats, Stats
 
 __all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "CallTimeoutError",
@@ -33,6 +34,7 @@ __all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "ConnectionLostError",
     "Limits",
     "MethodNotFoundError",
+    "MethodStats",
     "PipeRPCError",
     "Pool",
     "ProtocolError",
@@ -42,6 +44,7 @@ __all__ = [  # noqa: RUF022 - in plain sorted order, constants among the rest
     "SerializationError",
     "Server",
     "StartupError",
+    "Stats",
     "WorkerDiedError",
     "acall",
     "aspawn",
@@ -66,15 +69,14 @@ def __getattr__(name: str) -> object:
         from . import _pool
 
         return getattr(_pool, name)
-    if name in (
-        "acall",
-        "aspawn",
-        "astream",
-        "submit",
-    ):  # asyncio and concurrent.futures: not in a child
+    if name in ("acall", "aspawn", "astream", "submit"):  # asyncio: never in a child
         from . import _aio
 
         return getattr(_aio, name)
+    if name in ("Stats", "MethodStats"):  # attrs classes: imported when first used
+        from . import _stats_types
+
+        return getattr(_stats_types, name)
     if name == "SAFE_TYPES":  # imports pathlib, decimal and more: only for untrusted children
         from ._safe_types import SAFE_TYPES
 

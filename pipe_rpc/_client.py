@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._codec import Codec
 from ._connection import Connection
-from ._errors import PipeRPCError
+from ._errors import CallTimeoutError, PipeRPCError
 from ._liveness import HasSentinel, PeerMonitor
 from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, check_timeout
+from ._stats import ERROR, OK, TIMEOUT
 from ._stream import RemoteAsyncIterator, RemoteIterator, StreamCall
 
 if TYPE_CHECKING:
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
 # child imports this module, and asyncio or concurrent.futures would cost its start.
 
 T = TypeVar("T")
+
+
+def _ended(future: Future[Any]) -> int:
+    """How a submitted call ended, for its counts."""
+    if future.cancelled():
+        return TIMEOUT
+    error = future.exception()
+    if error is None:
+        return OK
+    return TIMEOUT if isinstance(error, CallTimeoutError) else ERROR
 
 
 class Client(Generic[T]):
@@ -79,7 +90,24 @@ class Client(Generic[T]):
 
         if timeout is DEFAULT:
             timeout = self.timeout
-        return await call_async(self._core, method, args, kwargs, timeout)
+        counters = self._core.counters
+        if counters is None:
+            return await call_async(self._core, method, args, kwargs, timeout)
+        started = counters.begin(method)
+        outcome = ERROR
+        try:
+            value = await call_async(self._core, method, args, kwargs, timeout)
+            outcome = OK
+            return value
+        except CallTimeoutError:
+            outcome = TIMEOUT
+            raise
+        except BaseException as exc:  # a cancellation is the call's timeout
+            if type(exc).__name__ == "CancelledError":
+                outcome = TIMEOUT
+            raise
+        finally:
+            counters.end(method, started, outcome)
 
     def submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
@@ -89,7 +117,12 @@ class Client(Generic[T]):
 
         if timeout is DEFAULT:
             timeout = self.timeout
-        return submit_call(self._core, method, args, kwargs, timeout)
+        future = submit_call(self._core, method, args, kwargs, timeout)
+        counters = self._core.counters
+        if counters is not None:
+            started = counters.begin(method)
+            future.add_done_callback(lambda done: counters.end(method, started, _ended(done)))
+        return future
 
     def stream(
         self,

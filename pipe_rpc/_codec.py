@@ -261,8 +261,10 @@ class Codec:
                 payload += pickle.dumps({k: int(v) for k, v in message.kinds.items()}, 5)
             return frame(Tag.HELLO, 0, payload, [])
         if isinstance(message, Items):
-            payload = _COUNT64.pack(message.seq) + dumps(message.items, what="stream items")
-            return frame(Tag.ITEMS, message.call_id, payload, [])
+            # Long bytes items go out of band, as a return value's do: no copy into the pickle.
+            wrap = _OutOfBandBytes()
+            body = (message.seq, [wrap(item) for item in message.items])
+            return _fast_frame(Tag.ITEMS, message.call_id, body, "stream items", "", wrap.made)
         if isinstance(message, Credit):
             return frame(Tag.CREDIT, message.call_id, _COUNT64.pack(message.frames), [])
         if isinstance(message, Cancel):
@@ -391,10 +393,10 @@ class Codec:
         if raw_tag == Tag.HELLO:
             return self._decode_hello(payload)
         if raw_tag == Tag.ITEMS:
-            if len(payload) < _COUNT64.size:
-                raise ProtocolError("an items frame without its sequence number")
-            (seq,) = _COUNT64.unpack_from(payload)
-            items = self._loads(call_id, payload[_COUNT64.size :], buffers, "stream items")
+            parts = self._loads(call_id, payload, buffers, "stream items")
+            if type(parts) is not tuple or len(parts) != 2 or type(parts[0]) is not int:
+                raise ProtocolError(f"a malformed items frame: {reprlib.repr(parts)}")
+            seq, items = parts
             if type(items) is not list:
                 raise ProtocolError(f"stream items came as {type(items).__name__}, not a list")
             return Items(call_id, seq, items)

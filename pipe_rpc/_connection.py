@@ -82,6 +82,7 @@ from ._liveness import (
 from ._messages import Cancel, Channel, Credit, Describe, Get, Kind, OpenChannel, Shutdown
 from ._protocol import ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
+from ._stats import ERROR, OK, TIMEOUT, Counters
 from ._transport import (
     PeerGone,
     Transport,
@@ -204,6 +205,7 @@ class Connection:
         self.death_tail: Callable[[], str] = lambda: ""  # the dead child's last stderr
         self.closed = False
         self.broken: PipeRPCError | None = None
+        self.counters: Counters | None = None  # a server's: what its calls count into
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
         self._state_lock = threading.Lock()  # the channel count and the monitor's start
@@ -231,7 +233,20 @@ class Connection:
             ClientClosedError, ConnectionLostError, WorkerDiedError, ProtocolError:
                 the connection is closed or dead.
         """
-        return self._run(PendingCall(method), timeout, None, args, kwargs)
+        counters = self.counters
+        if counters is None:
+            return self._run(PendingCall(method), timeout, None, args, kwargs)
+        started = counters.begin(method)
+        try:
+            value = self._run(PendingCall(method), timeout, None, args, kwargs)
+        except CallTimeoutError:
+            counters.end(method, started, TIMEOUT)
+            raise
+        except BaseException:
+            counters.end(method, started, ERROR)
+            raise
+        counters.end(method, started, OK)
+        return value
 
     def get(self, name: str, timeout: float | None) -> Any:
         """Read the public property or data attribute ``name`` of the service (as ``call``)."""

@@ -55,6 +55,7 @@ from ._messages import Kind, StartupFailed
 from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
 from ._scripts import main_for_children, missing_guard_message, unguarded_main_call
 from ._server import check_max_concurrency, serve
+from ._stats import Counters, snapshot
 from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # imported when used: the child needs attrs only when given l
     from concurrent.futures import Future
 
     from ._limits import Limits
+    from ._stats_types import Stats
 
 T = TypeVar("T")
 
@@ -285,6 +287,7 @@ class _Child:
         self.exitcode: int | None = None
         self.generation = fork_generation()
         self.ended = False  # has_ended() saw it end
+        self.counters: Counters | None = None  # the server's, which counts its deaths
         self._local = threading.local()
         self.stderr = stderr
         self.method = method
@@ -359,6 +362,8 @@ class _Child:
         self.death_logged = True
         if exitcode is None:
             exitcode = self.exitcode
+        if self.counters is not None:
+            self.counters.died(_reason(exitcode))
         last = ""
         if self.stderr is not None:
             self.stderr.finish()
@@ -451,8 +456,40 @@ _LIVE: weakref.WeakSet[_Handle] = weakref.WeakSet()
 def _stop_all_at_exit() -> None:
     # Registered after multiprocessing's own exit hook, so it runs first: our
     # non-daemonic children are gone before multiprocessing would join them.
+    children: list[_Child] = []
     for handle in list(_LIVE):
-        handle.shutdown(graceful=1.0)
+        with handle.lock:
+            handle.closed = True
+            child = handle.child
+        if child is not None and child.generation == fork_generation():
+            children.append(child)
+    _stop_together(children, graceful=1.0)
+
+
+def _stop_together(children: list[_Child], graceful: float) -> None:
+    """Stop every child at once: the whole takes about one grace, not one per child.
+
+    Each step (ask, SIGTERM, SIGKILL) goes to all of them before any wait, and the
+    waits share one deadline; then each is reaped and closed as ``stop`` does.
+    """
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.client.close()  # asks the child to stop; calls in flight fail
+    _join_all(children, graceful)
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 5.0)):
+        left = [child for child in children if child.exitcode is None]
+        for child in left:
+            _signal_group(child.pid, sig)
+        _join_all(left, wait)
+    for child in children:
+        child.stop(graceful=0)  # reaps what is left and closes the handles, at once now
+
+
+def _join_all(children: list[_Child], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.exitcode is None:
+            child._join(max(0.0, deadline - time.monotonic()))
 
 
 class Server(Generic[T]):
@@ -502,9 +539,11 @@ class Server(Generic[T]):
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
         self._generation = fork_generation()
+        self._counters = Counters()
         self._handle = _Handle()
         _LIVE.add(self._handle)
-        weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
+        finalizer = weakref.finalize(self, _Handle.shutdown, self._handle, 1.0)
+        finalizer.atexit = False  # at exit, _stop_all_at_exit stops every child together
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
         with self._handle.lock:
             self._start(wait)
@@ -555,6 +594,9 @@ class Server(Generic[T]):
         client.death_tail = stderr.tail
         child = _Child(guarded, client, stderr, self._method)
         child.fd = parent_end.fileno()
+        child.counters = self._counters
+        client._core.counters = self._counters
+        self._counters.started(restart=previous is not None)
         self._handle.child = child
         if wait:
             self._greet(self._start_timeout, previous)
@@ -756,6 +798,19 @@ class Server(Generic[T]):
 
     # -- public -------------------------------------------------------------
 
+    def stats(self) -> Stats:
+        """A frozen snapshot of this server's counts, over all its children so far.
+
+        Per method: calls, errors, timeouts, calls in flight and the latency of
+        recent calls; and the children started, restarted, and dead by reason.
+
+        Example::
+
+            add = server.stats().methods["add"]
+            print(add.calls, add.p50_us)
+        """
+        return snapshot([self._counters])
+
     @property
     def pid(self) -> int | None:
         """The current child's pid."""
@@ -864,12 +919,48 @@ def spawn(
 ) -> Server[T]:
     """Start ``factory()`` in a child process and return the handle to it.
 
-    Returns once the service is built and answering. See the README for every option.
+    Returns once the service is built and has answered the handshake. The
+    handle's ``proxy`` (and the target of ``with spawn(...) as proxy:``) is typed
+    as the service.
+
+    Args:
+        factory: called once in the child to build the service: a class, a
+            ``functools.partial``, a lambda or a closure (it travels with cloudpickle).
+        timeout: default seconds for every call (``None``: no bound; a dead child
+            still fails a call at once).
+        start_method: ``"fork"``, ``"forkserver"`` or ``"spawn"``; ``None`` is
+            ``forkserver`` where the platform has it, else ``spawn``.
+        on_timeout: ``"abandon"`` (the child goes on; the late reply is dropped) or
+            ``"kill"`` (the child's process group is killed).
+        restart: ``"never"``, or ``"on-failure"``: the next call after a death
+            starts a fresh child from the same factory (a call in flight is never
+            retried).
+        max_concurrency: how many calls may run at once in the child (threads;
+            ``async def`` methods run as tasks on one event loop).
+        limits: ``Limits`` applied in the child before the factory runs.
+        untrusted: decode everything from the child with the restricted decoder.
+        name: the child process's name.
+        allowed_types: with ``untrusted``, the types a reply may hold besides
+            plain data (``pipe_rpc.SAFE_TYPES`` offers the safe standard ones).
+        max_reply_bytes: refuse replies larger than this (``ProtocolError``);
+            64 MiB by default with ``untrusted``.
+        start_timeout: seconds to wait for the factory (here and on a restart);
+            past it the child is killed and ``StartupError`` says so.
+
+    Returns:
+        The ``Server`` handle: ``.proxy``, ``.pid``, ``.stats()``, ``.close()``...
 
     Raises:
         ValueError: an option is out of range.
-        StartupError: the factory raised, the child died while starting, or it did
-            not answer within ``start_timeout`` seconds (it is then killed).
+        TypeError: ``factory`` is not callable.
+        StartupError: the factory raised (its traceback is the ``__cause__``), the
+            child died while starting (a script with no main guard is named), or
+            ``start_timeout`` passed.
+
+    Example::
+
+        with pipe_rpc.spawn(Calculator, timeout=5.0) as calc:
+            assert calc.add(1, 2) == 3
     """
     check_options(factory, start_method, on_timeout, restart, max_concurrency, limits)
     if max_reply_bytes is not None and (

@@ -47,6 +47,8 @@ from ._process import Server
 from ._proxy import DEFAULT, Proxy, check_timeout
 from ._ray_actor import Raised, ServiceActor
 from ._server import check_max_concurrency
+from ._stats import ERROR, OK, TIMEOUT, Counters, snapshot
+from ._stats_types import Stats
 
 T = TypeVar("T")
 
@@ -212,6 +214,8 @@ class RayServer(Server[T]):
         }
         self._lock = threading.RLock()
         self._closed = False
+        self._counters = Counters()
+        self._counters.started(restart=False)
         self._holder = _Holder()
         # A server dropped without close() takes its actor with it (the watch task
         # would keep an actor whose handles are all gone alive).
@@ -244,6 +248,7 @@ class RayServer(Server[T]):
         self._actor = Actor.launch(self._factory, self._options)
         self._holder.handle = self._actor.handle
         self._actor.ready(self._start_timeout)
+        self._counters.started(restart=True)
 
     def _submit(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -306,8 +311,23 @@ class RayServer(Server[T]):
         """Call ``method`` on the actor (the proxy's way in)."""
         if timeout is DEFAULT:
             timeout = self.timeout
-        actor, ref = self._submit(method, args, kwargs)
-        return self._finish(actor, method, ref, timeout)
+        started = self._counters.begin(method)
+        outcome = ERROR
+        try:
+            actor, ref = self._submit(method, args, kwargs)
+            value = self._finish(actor, method, ref, timeout)
+            outcome = OK
+            return value
+        except CallTimeoutError:
+            outcome = TIMEOUT
+            raise
+        finally:
+            self._counters.end(method, started, outcome)
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of this server's counts (sync calls; the actor's deaths are
+        not counted by reason: Ray gives no exit code)."""
+        return snapshot([self._counters])
 
     def stream(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None

@@ -27,7 +27,7 @@ from ._streams import WINDOW_ITEMS
 T = TypeVar("T")
 
 #: Credit is sent once this many frames have been taken (and when a wait begins).
-_CREDIT_EVERY = 2
+_CREDIT_EVERY = 1
 
 
 class StreamCall(PendingCall):
@@ -148,6 +148,8 @@ class _StreamBase:
         first = not self._closed
         self._closed = True
         if first:
+            if not self._call.ok and self._core.broken is not None:
+                self._on_error(self._call.value)  # a ProtocolError kills the child
             self._call.finish()
 
     def _timed_out(self) -> CallTimeoutError:

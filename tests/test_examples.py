@@ -47,6 +47,13 @@ EXPECTED: dict[str, list[str]] = {
         r"children now: 2, replaced: True",
         r"parent \d+ is still running",
     ],
+    "stream_rows": [
+        r"read 10000 rows, sum of squares 333283335000",
+        re.escape("first items of an endless stream: [0, 1, 2, 3, 4]"),
+        r"the child's generator was closed: True",
+        re.escape("astream: ['0', '1', '4', '9']"),
+        re.escape("async generator method: [0, 1, 2]"),
+    ],
     "typed_protocol": [
         re.escape("get('a') = b'1'"),
         re.escape("get('missing') = None"),

@@ -1,0 +1,145 @@
+"""Counting calls, errors, timeouts, latency, starts and deaths, in the parent.
+
+``Counters`` is what a server's connections count into, across restarts: no
+lock and no allocation per call (``itertools.count`` for the counts, a ring of
+the last ``RECENT`` latencies per method, each updated by one C call).
+``snapshot()`` makes the frozen ``Stats`` the user sees (attrs classes, built
+only then: attrs is imported when stats are first asked for).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._stats_types import MethodStats, Stats
+
+#: How many recent calls of a method the latency figures are taken from.
+RECENT = 1024
+
+#: A method's counts as plain data: calls, errors, timeouts, in flight, latencies (ns).
+_Raw = tuple[int, int, int, int, list[int]]
+
+#: How a call ended, for ``Counters.end``.
+OK, ERROR, TIMEOUT = 0, 1, 2
+
+
+class _Method:
+    """One method's counts. Each is an ``itertools.count`` whose ``next()`` is one C
+    call, so a call is counted without a lock; the latencies go to a ring whose
+    ``append`` is one C call too."""
+
+    __slots__ = ("ended", "errors", "latencies", "started", "timeouts")
+
+    def __init__(self) -> None:
+        self.started = itertools.count()
+        self.ended = itertools.count()
+        self.errors = itertools.count()
+        self.timeouts = itertools.count()
+        self.latencies: deque[int] = deque(maxlen=RECENT)
+
+    def raw(self) -> _Raw:
+        started, ended = _value(self.started), _value(self.ended)
+        return (
+            ended,
+            _value(self.errors),
+            _value(self.timeouts),
+            started - ended,
+            list(self.latencies),
+        )
+
+
+def _value(counter: itertools.count[int]) -> int:
+    """How many times ``next()`` was called on ``counter`` (without calling it)."""
+    return int(repr(counter)[6:-1])  # "count(7)"
+
+
+class Counters:
+    """A server's counts (or a pool member's, summed by the pool)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # only for a method's first call, and for starts
+        self._methods: dict[str, _Method] = {}
+        self.starts = 0
+        self.restarts = 0
+        self.deaths: dict[str, int] = {}
+
+    def begin(self, method: str) -> int:
+        """A call of ``method`` starts; returns the time to give to ``end``."""
+        counts = self._methods.get(method)
+        if counts is None:
+            with self._lock:
+                counts = self._methods.setdefault(method, _Method())
+        next(counts.started)
+        return time.perf_counter_ns()
+
+    def end(self, method: str, started: int, outcome: int) -> None:
+        """A call of ``method`` ended (``OK``, ``ERROR`` or ``TIMEOUT``)."""
+        counts = self._methods[method]
+        counts.latencies.append(time.perf_counter_ns() - started)
+        if outcome == ERROR:
+            next(counts.errors)
+        elif outcome == TIMEOUT:
+            next(counts.timeouts)
+        next(counts.ended)
+
+    def died(self, reason: str) -> None:
+        with self._lock:
+            self.deaths[reason] = self.deaths.get(reason, 0) + 1
+
+    def started(self, restart: bool) -> None:
+        with self._lock:
+            self.starts += 1
+            if restart:
+                self.restarts += 1
+
+    def raw(self) -> tuple[dict[str, _Raw], int, int, dict[str, int]]:
+        """The counts as plain data (for a pool to sum)."""
+        with self._lock:
+            methods = dict(self._methods)
+            starts, restarts, deaths = self.starts, self.restarts, dict(self.deaths)
+        return {name: m.raw() for name, m in methods.items()}, starts, restarts, deaths
+
+
+def snapshot(parts: list[Counters]) -> Stats:
+    """One frozen ``Stats`` from the counts of one server, or of a pool's members."""
+    from ._stats_types import MethodStats, Stats
+
+    methods: dict[str, list[Any]] = {}
+    starts = restarts = 0
+    deaths: dict[str, int] = {}
+    for part in parts:
+        raw, part_starts, part_restarts, part_deaths = part.raw()
+        starts += part_starts
+        restarts += part_restarts
+        for reason, count in part_deaths.items():
+            deaths[reason] = deaths.get(reason, 0) + count
+        for name, (calls, errors, timeouts, in_flight, latencies) in raw.items():
+            total = methods.setdefault(name, [0, 0, 0, 0, []])
+            total[0] += calls
+            total[1] += errors
+            total[2] += timeouts
+            total[3] += in_flight
+            total[4].extend(latencies)
+    by_name: dict[str, MethodStats] = {}
+    for name, (calls, errors, timeouts, in_flight, latencies) in sorted(methods.items()):
+        by_name[name] = MethodStats(
+            calls=calls,
+            errors=errors,
+            timeouts=timeouts,
+            in_flight=in_flight,
+            p50_us=_percentile(latencies, 0.50),
+            p99_us=_percentile(latencies, 0.99),
+        )
+    return Stats(methods=by_name, starts=starts, restarts=restarts, deaths=deaths)
+
+
+def _percentile(latencies: list[int], q: float) -> float | None:
+    if not latencies:
+        return None
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
