@@ -136,6 +136,21 @@ class ThreadWaiter:
         self._lock.acquire(True, timeout)
 
 
+class _Both:
+    """Two waiters woken together: a call's own (a future's) and a thread waiting for it."""
+
+    __slots__ = ("first", "second")
+    leads = True
+
+    def __init__(self, first: Waiter, second: ThreadWaiter) -> None:
+        self.first = first
+        self.second = second
+
+    def wake(self) -> None:
+        self.first.wake()
+        self.second.wake()
+
+
 class PendingCall:
     """One call's place in the pending table, and its outcome once settled."""
 
@@ -485,7 +500,11 @@ class Connection:
                 continue
             self.lanes.local.contended = True
             waiter = self._waiters.waiter
-            pending.waiter = waiter
+            current = pending.waiter
+            if current is None:
+                pending.waiter = waiter
+            elif current is not waiter and getattr(current, "second", None) is not waiter:
+                pending.waiter = _Both(current, waiter)  # a future's waiter stays woken too
             if not pending.done:  # settled before it could see the waiter
                 waiter.sleep(_RECHECK if left is None else min(left, _RECHECK))
 

@@ -19,7 +19,7 @@ import pipe_rpc
 from pipe_rpc._process import OnTimeout
 from tests.calc_service import CalcService, CustomError
 from tests.services import StartMethod
-from tests.test_side_channels import client_of
+from tests.test_side_channels import client_of, wait_until
 
 SETTLE = 15.0
 METHODS: list[StartMethod] = ["fork", "forkserver", "spawn"]
@@ -284,3 +284,14 @@ def _alive(pid: int | None) -> bool:
                 return False
         time.sleep(0.01)
     return True
+
+
+def test_a_submitted_call_completes_while_another_thread_waits_on_the_pipe() -> None:
+    """The thread that waits for submitted calls may follow another caller on the
+    pipe: the future must still be completed."""
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2) as calc:
+        busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, 0))
+        busy.start()
+        wait_until(lambda: client_of(pipe_rpc_server(calc))._core.protocol.pending_count > 0, "it")
+        assert pipe_rpc.submit(calc.add, 1, 2).result(SETTLE) == 3
+        busy.join(SETTLE)
