@@ -62,9 +62,11 @@ from ._pool_streams import PoolAsyncStream, PoolStream
 from ._pool_workers import Workers, _Worker, default_size
 from ._process import OnTimeout, Server, StartMethod, check_options
 from ._proxy import DEFAULT, Proxy, _Method, check_timeout
+from ._stats import snapshot
 
 if TYPE_CHECKING:
     from ._limits import Limits
+    from ._stats_types import Stats
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -280,6 +282,20 @@ class Pool(Generic[T]):
             check_owner(self._generation, "pool")
         self._workers.notice_deaths()
         return self._workers.pids()
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counts of every child the pool has had, summed:
+        per method calls, errors, timeouts, calls in flight and recent latency; the
+        children started, restarted (replaced), and dead by reason."""
+        workers = self._workers
+        with workers._cond:
+            live = [slot.worker.server for slot in workers.slots if slot.worker is not None]
+        stats = snapshot([workers.retired, *(server._counters for server in live)])
+        # Each child is a server of its own, started once: the children beyond the
+        # first ``size`` replaced others.
+        import attrs
+
+        return attrs.evolve(stats, restarts=max(0, stats.starts - len(workers.slots)))
 
     # -- closing --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._process import Server
 from ._proxy import fresh_error
+from ._stats import Counters
 
 if TYPE_CHECKING:
     import logging
@@ -126,6 +127,8 @@ class Workers:
         self._max_memory = max_memory
         self._cond = threading.Condition(threading.Lock())
         self.slots = [_Slot(index) for index in range(size)]
+        #: The counts of the children the pool has closed, for ``Pool.stats()``.
+        self.retired = Counters()
         self._ready: list[_Worker] = []
         self._starting: list[_Worker] = []
         self._waiting: list[_Slot] = []  # slots to launch a worker in, at their ``due``
@@ -245,6 +248,7 @@ class Workers:
             starters = [worker for worker in self._starting if not worker.greeting]
         for worker in drained:
             worker.server.close(1.0)
+            self.retired.absorb(worker.server._counters)
         for slot in launch:
             self._launch(slot)
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]

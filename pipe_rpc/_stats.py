@@ -33,7 +33,7 @@ class _Method:
     call, so a call is counted without a lock; the latencies go to a ring whose
     ``append`` is one C call too."""
 
-    __slots__ = ("ended", "errors", "latencies", "started", "timeouts")
+    __slots__ = ("base", "ended", "errors", "latencies", "started", "timeouts")
 
     def __init__(self) -> None:
         self.started = itertools.count()
@@ -41,13 +41,15 @@ class _Method:
         self.errors = itertools.count()
         self.timeouts = itertools.count()
         self.latencies: deque[int] = deque(maxlen=RECENT)
+        self.base = [0, 0, 0]  # calls, errors and timeouts absorbed from retired counters
 
     def raw(self) -> _Raw:
         started, ended = _value(self.started), _value(self.ended)
+        calls, errors, timeouts = self.base
         return (
-            ended,
-            _value(self.errors),
-            _value(self.timeouts),
+            calls + ended,
+            errors + _value(self.errors),
+            timeouts + _value(self.timeouts),
             started - ended,
             list(self.latencies),
         )
@@ -96,6 +98,21 @@ class Counters:
             self.starts += 1
             if restart:
                 self.restarts += 1
+
+    def absorb(self, other: Counters) -> None:
+        """Add the counts of ``other`` (a retired child's) to these, so that it can go."""
+        methods, starts, restarts, deaths = other.raw()
+        with self._lock:
+            for name, (calls, errors, timeouts, _, latencies) in methods.items():
+                counts = self._methods.setdefault(name, _Method())
+                counts.base[0] += calls
+                counts.base[1] += errors
+                counts.base[2] += timeouts
+                counts.latencies.extend(latencies)
+            self.starts += starts
+            self.restarts += restarts
+            for reason, count in deaths.items():
+                self.deaths[reason] = self.deaths.get(reason, 0) + count
 
     def raw(self) -> tuple[dict[str, _Raw], int, int, dict[str, int]]:
         """The counts as plain data (for a pool to sum)."""

@@ -24,6 +24,7 @@ from typing import Literal
 import pytest
 
 import pipe_rpc
+from tests.calc_service import CalcService
 from tests.pool_services import Failing, Flaky, Rendezvous, Stuck, Worker
 
 StartMethod = Literal["fork", "forkserver", "spawn"]
@@ -589,3 +590,19 @@ def test_aclose() -> None:
 
     asyncio.run(main())
     assert all(gone(pid) for pid in pids)
+
+
+def test_pool_stats_sum_the_children_retired_ones_included() -> None:
+    """Pool.stats() sums every child's counts, those the pool has replaced too."""
+    with pipe_rpc.pool(CalcService, size=2, start_method="fork", max_calls_per_child=5) as proxy:
+        pool_handle = proxy._pipe_rpc_invoker  # type: ignore[attr-defined]
+        for i in range(23):
+            assert proxy.add(i, 1) == i + 1
+        deadline = time.monotonic() + 15.0
+        while pool_handle.stats().restarts < 2:
+            assert time.monotonic() < deadline
+            proxy.add(0, 0)
+        stats = pool_handle.stats()
+    assert stats.methods["add"].calls >= 23
+    assert stats.starts >= 4
+    assert isinstance(stats, pipe_rpc.Stats)
