@@ -19,6 +19,13 @@ EXAMPLES = ROOT / "examples"
 TESTED_ELSEWHERE = {"sandbox", "ray_cluster"}
 
 EXPECTED: dict[str, list[str]] = {
+    "async_client": [
+        r"acall: 3",
+        r"100 calls in flight at once, sum: 9900",
+        r"async def method: KEY",
+        r"cancelled; the proxy goes on: 4",
+        r"submit: 42",
+    ],
     "quickstart": [
         r"add\(1, 2\) = 3",
         r"caught ZeroDivisionError: division by zero",
