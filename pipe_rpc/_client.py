@@ -53,6 +53,17 @@ class Client(Generic[T]):
         max_reply_bytes: refuse replies larger than this (``ProtocolError``).
 
     ``Client[P](conn).proxy`` is typed as ``P`` (a class or a ``typing.Protocol``).
+
+    Example::
+
+        with pipe_rpc.Client[Calculator](parent, process=p) as client:
+            assert client.proxy.add(1, 2) == 3
+            assert client.call("add", 1, 2) == 3  # by name
+
+    Raises (from its calls):
+        CallTimeoutError, SerializationError, MethodNotFoundError, ClientClosedError,
+        ConnectionLostError, WorkerDiedError, ProtocolError, and the service's own
+        exceptions, rebuilt.
     """
 
     def __init__(

@@ -185,6 +185,20 @@ _READ = frozenset({Kind.PROPERTY, Kind.ATTRIBUTE})
 def options(proxy: T, *, timeout: float | None) -> T:
     """The same proxy with per-call options: ``options(calc, timeout=0.5).add(1, 2)``.
 
+    Args:
+        proxy: a pipe_rpc proxy (a server's, a client's, a pool's, or another
+            ``options()``'s).
+        timeout: seconds for each call made through the new proxy (``None``: no
+            bound; ``inf`` is ``None``).
+
+    Returns:
+        A proxy of the same type, sharing the same connection.
+
+    Example::
+
+        fast = pipe_rpc.options(calc, timeout=0.1)
+        fast.add(1, 2)  # CallTimeoutError after 0.1 s
+
     Raises:
         TypeError: ``proxy`` is not a pipe_rpc proxy.
         ValueError: ``timeout`` is not ``None`` or > 0.

@@ -298,6 +298,18 @@ def serve(
 ) -> None:
     """Serve ``service`` on ``conn`` until the peer closes or asks to stop.
 
+    The other end of the pipe is a ``Client``; ``spawn()`` runs this in its child.
+    Only the public methods of ``service`` can be called, and its public properties
+    and data attributes read.
+
+    Example::
+
+        parent, child = multiprocessing.Pipe()
+        p = multiprocessing.Process(target=pipe_rpc.serve, args=(Calculator(), child))
+        p.start(); child.close()
+        with pipe_rpc.Client[Calculator](parent, process=p) as client:
+            assert client.proxy.add(1, 2) == 3
+
     Args:
         service: the object whose public methods may be called.
         conn: this side of a duplex ``multiprocessing.Pipe``.

@@ -65,6 +65,7 @@ def test_a_script_read_from_stdin_starts_its_children_and_names_its_lines(
 
 
 @pytest.mark.timeout(120)
-def test_spawn_from_a_script_read_from_stdin_under_fork(tmp_path: Path) -> None:
-    out = _run(tmp_path, ["fork", "spawn"], stdin=True)
+@pytest.mark.parametrize("method", METHODS)
+def test_spawn_from_a_script_read_from_stdin(method: str, tmp_path: Path) -> None:
+    out = _run(tmp_path, [method, "spawn"], stdin=True)
     assert f'File "<stdin>", line {_raise_lineno()}, in fail\n' in out
