@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection as Pipe
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ._codec import Codec
 from ._errors import (
@@ -414,9 +414,12 @@ class Connection:
         if self.broken is not None:
             raise fresh_error(self.broken)
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = self.lanes.lane(deadline)
+        local = self.lanes.local
+        channel = local.channel
+        if channel is None and local.contended:
+            channel = self.lanes.lane(deadline)
         if self.protocol.pending_count:  # another call is in flight: this thread contends
-            self.lanes.local.contended = True
+            local.contended = True
         call_id = 0
         try:  # registered inside the try: an interrupt anywhere after ends this call alone
             if make is None:
@@ -444,7 +447,9 @@ class Connection:
                 if self.broken is not None:
                     raise fresh_error(self.broken)
                 raise CallTimeoutError(f"{pending.method}() timed out after {timeout} s")
-        return pending.outcome()
+        if pending.ok:
+            return pending.value
+        raise pending.value
 
     def _end_early(self, call_id: int, channel: SideChannel | None) -> None:
         """A call leaves without its outcome: forget it, and drop a side channel it used."""
@@ -457,9 +462,9 @@ class Connection:
     def _send(self, frame: list[Buffer], deadline: float | None, fds: Sequence[int] = ()) -> None:
         """Write a registered call's frame on the pipe (under the write lock)."""
         lock = self._write_lock
-        left = remaining(deadline)
+        wait = -1.0 if deadline is None else cast(float, remaining(deadline))
         try:
-            if not lock.acquire(True, -1 if left is None else left):
+            if not lock.acquire(True, wait):
                 raise WriteTimeout("waiting to send")
             if self.broken is not None:  # checked under the lock: close() closes under it
                 return
@@ -495,7 +500,8 @@ class Connection:
                 except RuntimeError:  # this thread did not hold it
                     pass
                 else:
-                    self._pass_lead()
+                    if self.protocol.pending_count:
+                        self._pass_lead()
             if led:
                 continue
             self.lanes.local.contended = True
@@ -517,24 +523,37 @@ class Connection:
         return _OVER if left == 0.0 else left
 
     def _lead(self, pending: PendingCall, deadline: float | None) -> None:
-        """As the pipe's reader, read and hand out until ``pending`` is settled."""
+        """As the pipe's reader, read and hand out until ``pending`` is settled.
+
+        The loop is ``_time_left`` and ``_hand_out`` written out: it is every call's path.
+        """
         pipe = self.pipe
-        while (left := self._time_left(pending, deadline)) != _OVER:
-            alone = self.protocol.pending_count < 2
+        ready = pipe.ready
+        protocol = self.protocol
+        receive = protocol.receive
+        left: float | None = None
+        while not pending.done and self.broken is None:
+            if deadline is not None:
+                left = remaining(deadline)
+                if left == 0.0:
+                    return
+            alone = protocol.pending_count < 2
             if not alone:  # reading for others too: this thread contends
                 self.lanes.local.contended = True
             try:
-                if not pipe.ready:  # frames left by an interrupted leader go first
+                if not ready:  # frames left by an interrupted leader go first
                     pipe.read(left, alone)
-                if len(pipe.ready) > 1:  # replies of others' calls came too
+                if len(ready) > 1:  # replies of others' calls came too
                     self.lanes.local.contended = True
-                self._hand_out(pipe)
+                while ready:  # a frame leaves ``ready`` only once its call is settled
+                    receive(ready[0])
+                    ready.popleft()
             except _IO_ERRORS as exc:
                 self._io_failed(exc, pipe)
 
     def _pass_lead(self) -> None:
         """The leader left: wake one follower to read in its place."""
-        if self.protocol.pending_count:
+        if self.protocol.pending_count:  # (its callers on the hot path check first too)
             for slot in self.protocol.slots():
                 waiter = slot.waiter
                 if not slot.done and waiter is not None and waiter.leads:

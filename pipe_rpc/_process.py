@@ -283,6 +283,7 @@ class _Child:
     ) -> None:
         self.process = process
         self.client = client
+        self.core = client._core  # the connection, read on every call
         self.pid = cast(int, process.pid)
         self.exitcode: int | None = None
         self.generation = fork_generation()
@@ -656,9 +657,9 @@ class Server(Generic[T]):
             child is not None
             and not child.ended
             and not handle.closed
-            and child.client.broken is None
+            and child.core.broken is None
         ):
-            monitor = child.client.monitor
+            monitor = child.core.lanes.monitor
             if monitor is None:
                 if not (self._restart_on_failure and child.sentinel_fired()):
                     return child
@@ -689,7 +690,9 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        child = self._child_for_call()
+        if self._generation != fork_generation():  # ``_child_for_call``, written out
+            check_owner(self._generation, "server")
+        child = self._current()
         try:
             return child.client.invoke(method, args, kwargs, timeout)
         except (CallTimeoutError, ProtocolError) as exc:

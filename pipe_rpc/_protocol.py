@@ -139,7 +139,8 @@ class ClientProtocol(Generic[S]):
         Raises:
             SerializationError: an argument would not pickle; nothing was registered.
         """
-        call_id = self._next_id()
+        with self._lock:  # ``_next_id``, written out: this is every call's path
+            self._last_id = call_id = self._last_id + 1
         # No call between the store and the ``try``: an interrupt cannot land there.
         self._pending[call_id] = slot
         try:

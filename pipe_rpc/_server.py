@@ -165,9 +165,8 @@ class Dispatcher:
     def run(self, call: Call | Get) -> tuple[bool, Any]:
         """Run one call, or read one attribute: ``(True, result)``, ``(False, exception)``
         or ``(False, Fail)``."""
-        if type(call) is Get:
+        if not isinstance(call, Call):
             return self.read(call)
-        assert isinstance(call, Call)
         method = self._methods.get(call.method)
         if method is None:
             try:
@@ -209,6 +208,11 @@ def _check_public(name: object) -> None:
 def _name(message: Call | Get) -> str:
     return message.method if type(message) is Call else message.name  # type: ignore[union-attr]
 
+
+#: Frames that run service code, and a stream consumer's frames. (Tuples: an ``X | Y``
+#: in ``isinstance`` builds a union object on every call.)
+_CALLS = (Call, Get)
+_CONTROLS = (Credit, Cancel)
 
 #: What ``_static_attribute`` returns for a name it did not find.
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
@@ -431,7 +435,7 @@ class _Loop:
     def step(self) -> bool:
         """Read once and answer what came, then advance open streams; False once the
         peer is done. With a stream that has room in its window, nothing waits."""
-        if self.streams.runnable():
+        if self.streams.open and self.streams.runnable():
             if not self._read_without_waiting():
                 return False
             self.streams.advance()
@@ -486,7 +490,7 @@ class _Loop:
         protocol = channel.protocol
         if len(bodies) == 1 and self.pool is None:  # the common case: one call, answer it now
             message = protocol.receive(bodies[0])
-            if isinstance(message, Call | Get):
+            if isinstance(message, _CALLS):
                 frame = self.run_call(channel, message)
                 if frame is not None:
                     if self.coroutines is None:  # one thread writes: no lock needed
@@ -498,7 +502,7 @@ class _Loop:
                 return True
             if isinstance(message, Shutdown):
                 return False
-            if isinstance(message, Credit | Cancel):
+            if isinstance(message, _CONTROLS):
                 self.streams.control(message)
                 return True
             channel.send(self.request(channel, message))
@@ -509,10 +513,10 @@ class _Loop:
                 message = protocol.receive(body)
                 if message is None:
                     continue
-                if isinstance(message, Credit | Cancel):
+                if isinstance(message, _CONTROLS):
                     self.streams.control(message)
                     continue
-                if isinstance(message, Call | Get):
+                if isinstance(message, _CALLS):
                     if self.pool is not None and not self.dispatcher.streams(message):
                         self.pool.submit(self.run_and_reply, channel, message)
                         continue

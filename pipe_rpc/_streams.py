@@ -65,23 +65,24 @@ class Streams:
 
     def __init__(self, send: Callable[[Any, list[Buffer]], None]) -> None:
         self._send = send
-        self._open: dict[int, _Stream] = {}
+        #: The open streams, by call id (empty: nothing to advance).
+        self.open: dict[int, _Stream] = {}
 
     def start(self, channel: Any, call: Call, generator: Generator[Any, Any, Any]) -> None:
         """Open a stream for ``call``, whose method returned ``generator``."""
-        self._open[call.call_id] = _Stream(channel, call, generator)
+        self.open[call.call_id] = _Stream(channel, call, generator)
 
     def runnable(self) -> bool:
         """Has any open stream room in its window?"""
-        return any(stream.runnable for stream in self._open.values())
+        return any(stream.runnable for stream in self.open.values())
 
     def control(self, message: Credit | Cancel) -> None:
         """Take a consumer's ``Credit`` or ``Cancel`` (for a stream that ended: ignored)."""
-        stream = self._open.get(message.call_id)
+        stream = self.open.get(message.call_id)
         if stream is None:
             return
         if isinstance(message, Cancel):
-            del self._open[message.call_id]
+            del self.open[message.call_id]
             stream.generator.close()  # GeneratorExit: its finally runs here
             return
         for _ in range(min(message.frames, len(stream.in_flight))):
@@ -91,9 +92,9 @@ class Streams:
 
     def advance(self) -> None:
         """Give each stream with room in its window one batch."""
-        for call_id, stream in list(self._open.items()):
+        for call_id, stream in list(self.open.items()):
             if stream.runnable and not self._batch(stream):
-                self._open.pop(call_id, None)
+                self.open.pop(call_id, None)
 
     def _batch(self, stream: _Stream) -> bool:
         """Send one batch of ``stream``; False once it has ended."""
@@ -156,12 +157,12 @@ class Streams:
 
     def close_all(self) -> None:
         """The loop ends: close every open generator."""
-        for stream in self._open.values():
+        for stream in self.open.values():
             try:
                 stream.generator.close()
             except BaseException:
                 pass
-        self._open.clear()
+        self.open.clear()
 
 
 def _rough_size(item: Any) -> int:

@@ -37,7 +37,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, cast
+from typing import Protocol
 
 from ._wire import Body, Buffer, FrameReader
 
@@ -240,8 +240,8 @@ class Transport:
             self.drop_unstarted()
             self.flush(deadline)
         self._sent_ns = time.perf_counter_ns()
-        counts = self._counts
-        del counts[:]
+        counts: list[int] = []
+        self._counts = counts
         self._out = segments  # before the first byte: an interrupt now leaves it queued
         if fds:
             self._send_fds(segments[0], fds, deadline)
@@ -393,9 +393,10 @@ class Transport:
         reader = self.reader
         chunks = reader.chunks
         fd = self.fd
-        reader.cut()  # what an interrupted reader read and did not cut
+        if chunks:
+            reader.cut()  # what an interrupted reader read and did not cut
         while True:
-            target = reader.read_target()
+            target = reader.read_target() if chunks else None
             if target is None and self.fds is not None:  # a descriptor may come next
                 self._read_keeping_fds()
                 return
@@ -406,7 +407,7 @@ class Transport:
                     got = counts[-1]
                 else:
                     chunks.extend(map(os.read, (fd,), (_READ_SIZE,)))
-                    got = len(cast(bytes, chunks[-1]))
+                    got = len(chunks[-1])  # type: ignore[arg-type]  # bytes just read
             except BlockingIOError:
                 return
             except (ConnectionResetError, BrokenPipeError) as exc:
@@ -418,7 +419,7 @@ class Transport:
             reader.cut()
             if not got:
                 raise PeerGone("end of file")
-            if got < _READ_SIZE and reader.read_target() is None:
+            if got < _READ_SIZE and (not chunks or reader.read_target() is None):
                 return
 
     def take(self) -> list[Body]:

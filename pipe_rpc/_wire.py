@@ -195,13 +195,12 @@ class FrameReader:
         chunks, ready = self.chunks, self.ready
         while chunks:
             head = chunks[0]
-            if type(head) is _Big:
+            if isinstance(head, _Big):
                 if head.filled < head.size:
                     return
                 ready.append(memoryview(head.buffer)[: head.size])
                 del chunks[0]
                 continue
-            assert not isinstance(head, _Big)
             pos = self._cut_chunk(head)
             if pos == len(head):
                 del chunks[0]

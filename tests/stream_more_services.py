@@ -138,7 +138,7 @@ class StreamCalc(CalcService):
     def streams_on_the_pipe(self) -> list[bool]:
         """For each open stream of this child, whether its frames go on the pipe."""
         loop = _server_loop()
-        return [stream.channel is loop.main for stream in list(loop.streams._open.values())]
+        return [stream.channel is loop.main for stream in list(loop.streams.open.values())]
 
     def resident_bytes(self) -> int:
         return resident_bytes(os.getpid())
