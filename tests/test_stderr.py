@@ -2,7 +2,7 @@
 
 Real children, killed for real (a segfault, ``os.abort()``, SIGKILL, ``os._exit``)
 under every start method: how the child's fd 2 is set up differs between them.
-Forwarding is checked on the test process's own fd 2 (``capfd``).
+Forwarding is checked on the test process's own fd 2 (a file of the test's, or ``capfd``).
 """
 
 from __future__ import annotations
@@ -54,21 +54,39 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = SETTLE
 
 
 class Forwarded:
-    """What reached our fd 2, read from ``capfd`` as it comes."""
+    """What reached our fd 2, while fd 2 is a file of the test's own.
 
-    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
-        self._capfd = capfd
-        self.text = ""
+    Not ``capfd``: its ``readouterr()`` truncates the file after reading it, and a
+    line the drain thread writes in between is lost. This file is only appended to,
+    and read whole each time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._saved = -1
+
+    def __enter__(self) -> Forwarded:
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._saved = os.dup(2)
+        os.dup2(fd, 2)
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
 
     def wait_for(self, *lines: str) -> list[str]:
         """Wait until every one of ``lines`` has come as a whole line; all lines so far."""
+        text = ""
 
         def arrived() -> bool:
-            self.text += self._capfd.readouterr().err
-            return set(lines) <= set(self.text.splitlines())
+            nonlocal text
+            text = self._path.read_text()
+            return set(lines) <= set(text.splitlines())
 
-        wait_until(arrived, f"lines {lines} on our stderr; so far {self.text[-2000:]!r}")
-        return self.text.splitlines()
+        wait_until(arrived, f"lines {lines} on our stderr; so far {text[-2000:]!r}")
+        return text.splitlines()
 
 
 # -- crashes ----------------------------------------------------------------
@@ -209,16 +227,13 @@ def test_a_worker_died_error_with_its_tail_pickles_to_an_equal_error() -> None:
 # -- forwarding -------------------------------------------------------------
 
 
-def test_forwarded_lines_stay_whole_and_in_order(
-    start_method: StartMethod, capfd: pytest.CaptureFixture[str]
-) -> None:
+def test_forwarded_lines_stay_whole_and_in_order(start_method: StartMethod, tmp_path: Path) -> None:
     """Two children write; one writes a line in two pieces with the other's line in
     between. Each line reaches our fd 2 whole, each child's lines in order. The first
     child starts while our fd 2 is another file: what counts is fd 2 when it writes."""
-    forwarded = Forwarded(capfd)
-    with capfd.disabled():
-        first = pipe_rpc.spawn(Noisy, start_method=start_method)
-    with first, pipe_rpc.spawn(Noisy, start_method=start_method) as b:
+    first = pipe_rpc.spawn(Noisy, start_method=start_method)
+    forwarded = Forwarded(tmp_path / "fd2")
+    with forwarded, first, pipe_rpc.spawn(Noisy, start_method=start_method) as b:
         a = first.proxy
         a.write_fd(b"A one, ")
         b.write_fd(b"B one\n")
@@ -260,13 +275,17 @@ def test_fifty_megabytes_of_stderr_while_answering_calls(
     assert complete, f"forwarded {len(err)} characters, expected {len(expected)}"
 
 
-def test_many_children_share_one_draining_thread(capfd: pytest.CaptureFixture[str]) -> None:
+def test_many_children_share_one_draining_thread(tmp_path: Path) -> None:
     """Each child's stderr is its own (its own tail), and one thread drains them all."""
 
     def threads() -> int:
         return len(os.listdir("/proc/self/task"))
 
-    forwarded = Forwarded(capfd)
+    with Forwarded(tmp_path / "fd2") as forwarded:
+        _many_children(forwarded, threads)
+
+
+def _many_children(forwarded: Forwarded, threads: Callable[[], int]) -> None:
     servers = [pipe_rpc.spawn(Noisy, start_method="fork")]
     before = threads()
     servers += [pipe_rpc.spawn(Noisy, start_method="fork") for _ in range(7)]
