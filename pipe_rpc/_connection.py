@@ -72,6 +72,7 @@ from ._errors import (
 )
 from ._lanes import SideChannel, SideChannels
 from ._liveness import (
+    GENERATION,
     HasSentinel,
     PeerMonitor,
     check_owner,
@@ -409,7 +410,7 @@ class Connection:
     ) -> Any:
         """Register a call (``pending.method(*args, **kwargs)``, or the request ``make``
         makes), write it on its lane, and wait for its outcome."""
-        if self.generation != fork_generation():
+        if self.generation != GENERATION[0]:
             check_owner(self.generation, "client")
         if self.broken is not None:
             raise fresh_error(self.broken)
@@ -488,7 +489,12 @@ class Connection:
     def _wait_pipe(self, pending: PendingCall, deadline: float | None) -> None:
         """Return once ``pending`` is settled, its deadline passed, or the connection broke."""
         lock = self._read_lock
-        while (left := self._time_left(pending, deadline)) != _OVER:
+        left: float | None = None
+        while not pending.done and self.broken is None:  # ``_time_left``, written out
+            if deadline is not None:
+                left = remaining(deadline)
+                if left == 0.0:
+                    return
             led = False
             try:
                 if lock.acquire(False):

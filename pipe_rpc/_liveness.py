@@ -43,6 +43,8 @@ class Closable(Protocol):
 #: How many times this process's lineage has forked; a forked child sees one more
 #: than its parent. An object made in one generation belongs to that process alone.
 _generation = [0]
+#: The same, for a hot path: ``GENERATION[0]`` is ``fork_generation()`` without a call.
+GENERATION = _generation
 
 
 def fork_generation() -> int:

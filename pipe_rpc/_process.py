@@ -45,6 +45,7 @@ from ._errors import (
     describe_exitcode,
 )
 from ._liveness import (
+    GENERATION,
     check_owner,
     close_inherited_now,
     fork_generation,
@@ -690,7 +691,7 @@ class Server(Generic[T]):
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         """Call ``method`` in the child (the proxy's way in)."""
-        if self._generation != fork_generation():  # ``_child_for_call``, written out
+        if self._generation != GENERATION[0]:  # ``_child_for_call``, written out
             check_owner(self._generation, "server")
         child = self._current()
         try:

@@ -195,7 +195,13 @@ class ClientProtocol(Generic[S]):
                 except UndecodablePayload as exc:
                     self._settle(call_id, False, SerializationError(exc.message))
                     return
-                self._settle(call_id, True, value)
+                slot = self._pending.get(call_id)
+                if slot is None:  # late, or never made
+                    self._settle(call_id, True, value)
+                    return
+                slot.settle(True, value)  # ``_settle``, written out
+                with self._lock:
+                    self._pending.pop(call_id, None)
                 return
         try:
             message = self.codec.decode(body)

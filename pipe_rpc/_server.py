@@ -205,10 +205,6 @@ def _check_public(name: object) -> None:
         )
 
 
-def _name(message: Call | Get) -> str:
-    return message.method if type(message) is Call else message.name  # type: ignore[union-attr]
-
-
 #: Frames that run service code, and a stream consumer's frames. (Tuples: an ``X | Y``
 #: in ``isinstance`` builds a union object on every call.)
 _CALLS = (Call, Get)
@@ -227,7 +223,7 @@ def reply(protocol: ServerProtocol, call: Call | Get, ok: bool, value: Any) -> l
     already. Only ``KeyboardInterrupt`` ends the server.
     """
     codec = protocol.codec
-    method = _name(call)
+    method = call.method if type(call) is Call else call.name  # type: ignore[union-attr]
     try:
         if codec.by_reference is not None and not isinstance(value, Fail):
             return codec.encode_reply_by_reference(call.call_id, ok, value, method)
@@ -440,8 +436,8 @@ class _Loop:
                 return False
             self.streams.advance()
             return True
-        if self.poller is None:  # the pipe alone
-            return self.answer(self.main, self.main.transport.read_blocking())
+        if self.poller is None:  # the pipe alone (whose end ends the loop: no ``answer``)
+            return self._answer(self.main, self.main.transport.read_blocking())
         for transport in self.poller.wait():
             channel = self.side.get(transport.fd, self.main)
             try:

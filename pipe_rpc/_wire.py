@@ -201,8 +201,15 @@ class FrameReader:
                 ready.append(memoryview(head.buffer)[: head.size])
                 del chunks[0]
                 continue
+            end = len(head)
+            if end > 4:  # the hot path: exactly one whole frame
+                (size,) = LENGTH.unpack_from(head)
+                if size == end - 4 and (self.max_frame is None or size <= self.max_frame):
+                    ready.append(memoryview(head)[4:])
+                    del chunks[0]
+                    continue
             pos = self._cut_chunk(head)
-            if pos == len(head):
+            if pos == end:
                 del chunks[0]
                 continue
             if pos:
@@ -220,11 +227,6 @@ class FrameReader:
     def _cut_chunk(self, data: bytes | memoryview) -> int:
         """Append the whole frames at the start of ``data`` to ``ready``; return their length."""
         end = len(data)
-        if end > 4:  # the hot path: exactly one whole frame
-            (size,) = LENGTH.unpack_from(data)
-            if size == end - 4 and (self.max_frame is None or size <= self.max_frame):
-                self.ready.append(memoryview(data)[4:])
-                return end
         pos = 0
         frames: list[Body] = []
         while end - pos >= 4:
