@@ -26,6 +26,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
+from benchmarks.aio import fig_async  # noqa: E402
 from benchmarks.common import Section, Settings, Slot, say  # noqa: E402
 from benchmarks.lifecycle import fig_crash, fig_kill, fig_rss, fig_startup  # noqa: E402
 from benchmarks.peers import Pyro, Rpyc  # noqa: E402
@@ -54,6 +55,7 @@ FIGURES: tuple[tuple[str, Callable[[list[Slot], Settings], Section]], ...] = (
     ("threads", fig_threads),
     ("echo", fig_echo),
     ("stream", fig_stream),
+    ("async", fig_async),
     ("rss", fig_rss),
     ("startup", fig_startup),
     ("crash", fig_crash),
@@ -61,7 +63,18 @@ FIGURES: tuple[tuple[str, Callable[[list[Slot], Settings], Section]], ...] = (
     ("pool", fig_pool),
 )
 #: Printed order: the figure numbers.
-PRINT_ORDER = ("latency", "threads", "echo", "startup", "crash", "kill", "rss", "stream", "pool")
+PRINT_ORDER = (
+    "latency",
+    "threads",
+    "echo",
+    "startup",
+    "crash",
+    "kill",
+    "rss",
+    "stream",
+    "async",
+    "pool",
+)
 
 METHODS = ("fork", "forkserver", "spawn")
 HELPERS = ("forkserver", "resource_tracker")  # multiprocessing's own helpers end with us

@@ -72,7 +72,8 @@ def __getattr__(name: str) -> object:
     if name in ("acall", "aspawn", "astream", "submit"):  # asyncio: never in a child
         from . import _aio
 
-        return getattr(_aio, name)
+        value = globals()[name] = getattr(_aio, name)  # the next look finds it at once
+        return value
     if name in ("Stats", "MethodStats"):  # attrs classes: imported when first used
         from . import _stats_types
 

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 #: How long a loop waits before it tries again to write, while another writer holds
 #: the pipe or the socket is full.
 _WRITE_RETRY = 0.0005
+#: How long a connection's ``submit`` thread waits for the next call before it ends.
+_LINGER = 0.25
+#: How long it leaves a call to a ``result()`` that has been reading replies itself.
+_GRACE = 0.002
 
 
 class _LoopWaiter:
@@ -124,11 +128,17 @@ async def call_async(
     pending = PendingCall(method)
     pending.waiter = _LoopWaiter(loop, future)
     watch = _watch(core, loop)
-    watch.attach()
     call_id = 0
+    attached = False
     try:
         call_id, frame = core.protocol.start(method, args, kwargs, pending)
         await _write(core, frame)
+        if not watch.calls:  # the loop's one call here: its reply most often comes at once
+            core.read_soon()
+        if pending.done:
+            return pending.outcome()
+        watch.attach()
+        attached = True
         if timeout is None:
             await future
         else:
@@ -143,7 +153,8 @@ async def call_async(
             core.abandon(call_id)
         raise
     finally:
-        watch.detach()
+        if attached:
+            watch.detach()
     return pending.outcome()
 
 
@@ -187,11 +198,27 @@ async def _write(core: Connection, frame: list[Any]) -> None:
 
 
 class CallFuture(Future[Any]):
-    """The future of a submitted call; ``cancel()`` acts as the call's timeout."""
+    """The future of a submitted call; ``cancel()`` acts as the call's timeout.
+
+    ``result()`` waits for the reply in the calling thread, as a sync call does (it
+    leads the reading or follows whoever does), rather than for the connection's
+    thread to hand the outcome over: that hand-over costs more than the call.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.on_cancel: list[Any] = []  # callables run when the call is cancelled
+        #: ``wait(deadline)``: wait in this thread until the call is settled or ``deadline``.
+        self.wait: Callable[[float | None], None] | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        wait = self.wait
+        if wait is not None and not self.done():
+            end = None if timeout is None else time.monotonic() + timeout
+            wait(end)
+            if end is not None:
+                timeout = max(0.0, end - time.monotonic())
+        return super().result(timeout)
 
     def cancel(self) -> bool:
         if not super().cancel():  # answered already, or cancelled before
@@ -225,19 +252,31 @@ class _FutureWaiter:
 
 
 class _Pump:
-    """One bare thread per connection that waits for submitted calls, oldest first."""
+    """One bare thread per connection that waits for submitted calls, oldest first.
+
+    It stays ``_LINGER`` seconds after the last one for the next: a thread start
+    costs more than a call, and ``submit(...).result()`` in a loop would pay one a call.
+    While the futures are waited on by ``result()`` (whose thread reads the reply
+    itself), it gives each call ``_GRACE`` seconds before it waits for it too: a
+    second thread woken for every reply costs more than the call as well.
+    """
 
     def __init__(self, core: Connection) -> None:
         self.core = core
         self.queue: deque[tuple[PendingCall, int, float | None, CallFuture]] = deque()
         self.lock = threading.Lock()
+        self.more = threading.Condition(self.lock)
         self.running = False
+        self.waited = False  # the last call was settled by a ``result()`` in its thread
+        self._nap = threading.Lock()
+        self._nap.acquire()  # never released: ``acquire(timeout=...)`` on it is a nap
 
     def add(self, item: tuple[PendingCall, int, float | None, CallFuture]) -> None:
         with self.lock:
             self.queue.append(item)
             start = not self.running
             self.running = True
+            self.more.notify()
         if start:
             _thread.start_new_thread(self._run, ())
 
@@ -245,10 +284,16 @@ class _Pump:
         while True:
             with self.lock:
                 if not self.queue:
+                    self.more.wait(_LINGER)
+                if not self.queue:
                     self.running = False
                     return
                 pending, call_id, deadline, future = self.queue[0]
             try:
+                if self.waited and not pending.done:
+                    self._nap.acquire(True, _GRACE)
+                if not pending.done:
+                    self.waited = False
                 self.core._wait_pipe(pending, deadline)
                 if not pending.done and not future.done():
                     self.core.abandon(call_id)
@@ -260,6 +305,20 @@ class _Pump:
             finally:
                 with self.lock:
                     self.queue.popleft()
+
+
+def _wait_for(
+    core: Connection, pending: PendingCall, deadline: float | None, end: float | None
+) -> None:
+    """A ``result()`` waits for its call in its own thread, until the earlier of the
+    call's deadline (where the connection's thread takes over) and ``end``."""
+    if end is not None and (deadline is None or end < deadline):
+        deadline = end
+    core._wait_pipe(pending, deadline)
+    if pending.done:
+        pump = _PUMPS.get(core)
+        if pump is not None:
+            pump.waited = True
 
 
 def _time_out(future: CallFuture, pending: PendingCall, core: Connection) -> None:
@@ -305,6 +364,7 @@ def submit_call(
         pending.waiter.wake()
         return future
     future.on_cancel.append(lambda: core.abandon(call_id))
+    future.wait = functools.partial(_wait_for, core, pending, deadline)
     with _PUMPS_LOCK:
         pump = _PUMPS.get(core)
         if pump is None:

@@ -387,6 +387,7 @@ class Connection:
         try:
             if lock.acquire(False):
                 self.pipe.read_available()
+                self.pipe.note_reply()
                 self._hand_out(self.pipe)
                 if ended:
                     raise PeerGone("peer process ended")
@@ -399,6 +400,25 @@ class Connection:
                 pass
             else:
                 self._pass_lead()
+
+    def read_soon(self) -> None:
+        """Spin for a reply as a sync caller does before it sleeps, never sleeping, and
+        settle what came (unless a leader is reading): for an event loop with one call
+        in flight, whose reply most often comes within the spin window."""
+        lock = self._read_lock
+        try:
+            if lock.acquire(False) and self.pipe.spin():
+                self._hand_out(self.pipe)
+        except _IO_ERRORS as exc:
+            self._io_failed(exc, self.pipe)
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+            else:
+                if self.protocol.pending_count:
+                    self._pass_lead()
 
     def _run(
         self,

@@ -363,6 +363,16 @@ class Transport:
             # The sentinel fired, and the peer wrote nothing more before it died.
             raise PeerGone("peer process ended")
 
+    def spin(self) -> bool:
+        """Spin for frames as ``read`` does before it sleeps, and never sleep: True if
+        frames came. Nothing is tried while the last reply came late (see ``note_reply``)."""
+        return self._spin_next and self._spin(None)
+
+    def note_reply(self) -> None:
+        """Frames came without ``read``: spin again next time if they came within the window."""
+        if self._spin_ns:
+            self._spin_next = time.perf_counter_ns() - self._sent_ns < self._spin_ns
+
     def _spin(self, timeout: float | None) -> bool:
         """Poll without waiting for up to the spin window (and ``timeout``), and read once
         the descriptor is readable; True if that read took frames or found the sentinel.

@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures import wait
 from typing import Any
 
 import pytest
@@ -295,3 +297,56 @@ def test_a_submitted_call_completes_while_another_thread_waits_on_the_pipe() -> 
         wait_until(lambda: client_of(pipe_rpc_server(calc))._core.protocol.pending_count > 0, "it")
         assert pipe_rpc.submit(calc.add, 1, 2).result(SETTLE) == 3
         busy.join(SETTLE)
+
+
+def test_futures_nobody_waits_on_complete_after_some_that_result_waited_on() -> None:
+    """``result()`` reads the reply in its own thread, and the connection's thread
+    then leaves calls to it for a moment: futures that nobody waits on must still be
+    completed (done callbacks run, ``wait`` returns) by that thread."""
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4) as calc:
+        for i in range(20):  # result() settles these itself
+            assert pipe_rpc.submit(calc.add, i, 1).result(SETTLE) == i + 1
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def note(future: Any) -> None:
+            with lock:
+                seen.append(future.result(0))
+
+        futures = [pipe_rpc.submit(calc.add, i, 100) for i in range(20)]
+        for future in futures:
+            future.add_done_callback(note)
+        _, not_done = wait(futures, timeout=SETTLE)
+        assert not not_done
+        wait_until(lambda: len(seen) == 20, "the done callbacks")
+        assert sorted(seen) == [i + 100 for i in range(20)]
+
+
+def test_a_result_with_a_short_timeout_leaves_the_call_to_complete_later() -> None:
+    with pipe_rpc.spawn(CalcService, start_method="fork") as calc:
+        future = pipe_rpc.submit(calc.sleep_then_return, 0.5, "late")
+        with pytest.raises(FutureTimeoutError):
+            future.result(0.05)
+        assert not future.done()
+        assert future.result(SETTLE) == "late"
+        assert calc.add(1, 2) == 3
+
+
+def test_results_waited_on_from_many_threads_each_get_their_own() -> None:
+    with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=4) as calc:
+        errors: list[BaseException] = []
+
+        def run(base: int) -> None:
+            try:
+                for i in range(200):
+                    assert pipe_rpc.submit(calc.add, base, i).result(SETTLE) == base + i
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(n * 1000,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(SETTLE)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors == []
