@@ -307,18 +307,14 @@ class _Pump:
                     self.queue.popleft()
 
 
-def _wait_for(
-    core: Connection, pending: PendingCall, deadline: float | None, end: float | None
-) -> None:
+def _wait_for(pump: _Pump, pending: PendingCall, deadline: float | None, end: float | None) -> None:
     """A ``result()`` waits for its call in its own thread, until the earlier of the
     call's deadline (where the connection's thread takes over) and ``end``."""
     if end is not None and (deadline is None or end < deadline):
         deadline = end
-    core._wait_pipe(pending, deadline)
+    pump.core._wait_pipe(pending, deadline)
     if pending.done:
-        pump = _PUMPS.get(core)
-        if pump is not None:
-            pump.waited = True
+        pump.waited = True
 
 
 def _time_out(future: CallFuture, pending: PendingCall, core: Connection) -> None:
@@ -363,12 +359,12 @@ def submit_call(
     if pending.done:  # settled already (the connection broke as it was sent)
         pending.waiter.wake()
         return future
-    future.on_cancel.append(lambda: core.abandon(call_id))
-    future.wait = functools.partial(_wait_for, core, pending, deadline)
+    future.on_cancel.append(functools.partial(core.abandon, call_id))
     with _PUMPS_LOCK:
         pump = _PUMPS.get(core)
         if pump is None:
             pump = _PUMPS[core] = _Pump(core)
+    future.wait = functools.partial(_wait_for, pump, pending, deadline)
     pump.add((pending, call_id, deadline, future))
     return future
 

@@ -739,9 +739,11 @@ class Server(Generic[T]):
         child = self._child_for_call()
         future = child.client.submit(method, args, kwargs, timeout)
         if isinstance(future, CallFuture):
-            cancelled = CallTimeoutError(f"{method}() was cancelled")
-            future.on_cancel.append(functools.partial(self._failed, child, cancelled, method))
+            future.on_cancel.append(functools.partial(self._cancelled, child, method))
         return future
+
+    def _cancelled(self, child: _Child, method: str) -> None:
+        self._failed(child, CallTimeoutError(f"{method}() was cancelled"), method)
 
     def stream(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
