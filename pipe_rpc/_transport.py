@@ -80,6 +80,29 @@ def _no_yield() -> None:
 _give_way: Callable[[], None] = getattr(os, "sched_yield", _no_yield)
 
 
+#: After a reply that came too late to spin for, one wait in this many spins again.
+_PROBE_EVERY = 8
+
+
+class _SpinState(Protocol):
+    _spin_ns: int
+    _spin_next: bool
+    _late: int
+
+
+def _after_sleep(owner: _SpinState, sent_ns: int) -> None:
+    """A wait slept and frames came: spin before the next wait if they came within the
+    spin window of the last write. A wait that slept measures the wake-up too, so a
+    reply that came late once would end spinning for good: after one, every
+    ``_PROBE_EVERY``-th wait spins anyway, and a reply caught by that spin resumes it."""
+    if time.perf_counter_ns() - sent_ns < owner._spin_ns:
+        owner._spin_next = True
+        owner._late = 0
+    else:
+        owner._late += 1
+        owner._spin_next = owner._late % _PROBE_EVERY == 0
+
+
 class PeerGone(Exception):
     """End of file or a reset on the pipe, or the peer's sentinel fired."""
 
@@ -156,6 +179,7 @@ class Poller:
         self._by_fd: dict[int, Transport] = {}
         self._spin_ns = int(SPIN_SECONDS * 1e9)
         self._spin_next = False
+        self._late = 0
 
     def add(self, transport: Transport) -> None:
         self._by_fd[transport.fd] = transport
@@ -180,8 +204,7 @@ class Poller:
         if not events:
             events = poll()
             if self._spin_ns:
-                sent = max(t._sent_ns for t in self._by_fd.values())
-                self._spin_next = time.perf_counter_ns() - sent < self._spin_ns
+                _after_sleep(self, max(t._sent_ns for t in self._by_fd.values()))
         return [self._by_fd[fd] for fd, _ in events]
 
 
@@ -213,6 +236,7 @@ class Transport:
         self.sentinel = sentinel
         self._spin_ns = int(SPIN_SECONDS * 1e9)
         self._spin_next = False  # did the last answer come within the spin window?
+        self._late = 0  # answers in a row that came too late
         self._sent_ns = 0  # when the last frame was written
         # The frame being written (its segments), and what each write of it took.
         self._out: Sequence[Buffer] | None = None
@@ -349,7 +373,7 @@ class Transport:
         if len(events) == 1 and events[0] == (self.fd, select.POLLIN):  # the common case
             self.read_available()
             if self._spin_ns:
-                self._spin_next = time.perf_counter_ns() - self._sent_ns < self._spin_ns
+                _after_sleep(self, self._sent_ns)
             return
         readable = False
         for fd, mask in events:
@@ -371,7 +395,7 @@ class Transport:
     def note_reply(self) -> None:
         """Frames came without ``read``: spin again next time if they came within the window."""
         if self._spin_ns:
-            self._spin_next = time.perf_counter_ns() - self._sent_ns < self._spin_ns
+            _after_sleep(self, self._sent_ns)
 
     def _spin(self, timeout: float | None) -> bool:
         """Poll without waiting for up to the spin window (and ``timeout``), and read once
