@@ -134,7 +134,7 @@ async def call_async(
         call_id, frame = core.protocol.start(method, args, kwargs, pending)
         await _write(core, frame)
         if not watch.calls:  # the loop's one call here: its reply most often comes at once
-            core.read_soon()
+            core.read_nowait(spin=True)
         if pending.done:
             return pending.outcome()
         watch.attach()

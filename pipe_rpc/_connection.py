@@ -379,20 +379,27 @@ class Connection:
         assert self.broken is not None
         return fresh_error(self.broken)
 
-    def read_nowait(self, ended: bool = False) -> None:
+    def read_nowait(self, ended: bool = False, spin: bool = False) -> None:
         """Read what the pipe has and settle its calls, unless a leader is reading (then
         it does): for an event loop told that the pipe, or with ``ended`` the server
-        process's sentinel, is readable."""
+        process's sentinel, is readable. With ``spin``, first spin for frames as a sync
+        caller does before it sleeps, never sleeping: for an event loop with one call
+        in flight, whose reply most often comes within the spin window."""
         lock = self._read_lock
+        pipe = self.pipe
         try:
             if lock.acquire(False):
-                self.pipe.read_available()
-                self.pipe.note_reply()
-                self._hand_out(self.pipe)
+                if spin:
+                    if pipe.spin():
+                        self._hand_out(pipe)
+                    return
+                pipe.read_available()
+                pipe.note_reply()
+                self._hand_out(pipe)
                 if ended:
                     raise PeerGone("peer process ended")
         except _IO_ERRORS as exc:
-            self._io_failed(exc, self.pipe)
+            self._io_failed(exc, pipe)
         finally:
             try:
                 lock.release()
@@ -400,25 +407,6 @@ class Connection:
                 pass
             else:
                 self._pass_lead()
-
-    def read_soon(self) -> None:
-        """Spin for a reply as a sync caller does before it sleeps, never sleeping, and
-        settle what came (unless a leader is reading): for an event loop with one call
-        in flight, whose reply most often comes within the spin window."""
-        lock = self._read_lock
-        try:
-            if lock.acquire(False) and self.pipe.spin():
-                self._hand_out(self.pipe)
-        except _IO_ERRORS as exc:
-            self._io_failed(exc, self.pipe)
-        finally:
-            try:
-                lock.release()
-            except RuntimeError:  # this thread did not hold it
-                pass
-            else:
-                if self.protocol.pending_count:
-                    self._pass_lead()
 
     def _run(
         self,

@@ -14,11 +14,13 @@ timed-out call's error is never fetched.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import pickle
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any
 
 from ._errors import MethodNotFoundError, RemoteError, RemoteTraceback, StartupError
@@ -146,9 +148,18 @@ class ServiceActor:
         except BaseException as exc:
             self._startup = Raised.capture(exc, skip_frames=1)
 
-    def hello(self) -> tuple[int, Raised | None]:
-        """This worker's pid, and the factory's exception if it raised."""
-        return os.getpid(), self._startup
+    def hello(self) -> tuple[int, Raised | None, dict[str, int]]:
+        """This worker's pid, the factory's exception if it raised, and the kind of each
+        public method that is not a plain one (a ``Kind``'s value)."""
+        kinds: dict[str, int] = {}
+        if self._startup is None:
+            from ._messages import Kind
+            from ._server import Dispatcher
+
+            for name, kind in Dispatcher(self._service).kinds().items():
+                if kind in (Kind.ASYNC, Kind.GENERATOR, Kind.ASYNC_GENERATOR):
+                    kinds[name] = kind.value
+        return os.getpid(), self._startup, kinds
 
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one call; the service's exception comes back as a ``Raised`` value."""
@@ -159,11 +170,16 @@ class ServiceActor:
         except BaseException as exc:
             return Raised.capture(exc)
         try:
-            return method(*args, **kwargs)
+            value = method(*args, **kwargs)
+            if inspect.iscoroutine(value):  # an ``async def`` method: run it to its end here
+                value = asyncio.run(value)
+            return value
         except BaseException as exc:
             return Raised.capture(exc, skip_frames=1)
 
-    def stream(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+    def stream(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Generator[Any, None, None]:
         """Run a generator method, yielding its items; a ``Raised`` is the last item if it fails."""
         try:
             method = public_method(self._service, name)
@@ -171,7 +187,10 @@ class ServiceActor:
             yield Raised.capture(exc)
             return
         try:
-            yield from method(*args, **kwargs)
+            items = method(*args, **kwargs)
+            if inspect.isasyncgen(items):  # an ``async def`` generator method
+                items = _stepped(items)
+            yield from items
         except GeneratorExit:
             raise
         except BaseException as exc:
@@ -188,3 +207,21 @@ class ServiceActor:
     def release(self) -> None:
         """End ``watch()``, so that a graceful exit is not held up by it."""
         self._released.set()
+
+
+def _stepped(items: AsyncGenerator[Any, Any]) -> Iterator[Any]:
+    """The items of an async generator, each awaited on a loop of the stream's own; a
+    stream closed early closes the async generator (its ``finally`` runs)."""
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                item = loop.run_until_complete(items.__anext__())
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        try:
+            loop.run_until_complete(items.aclose())
+        finally:
+            loop.close()

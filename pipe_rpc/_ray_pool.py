@@ -33,6 +33,8 @@ from ._ray_server import (
     check_options,
     finish_close,
 )
+from ._stats import ERROR, OK, TIMEOUT, snapshot
+from ._stats_types import Stats
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -43,15 +45,21 @@ P = ParamSpec("P")
 class _Call:
     """One call of ``map()`` on its way."""
 
-    __slots__ = ("actor", "deadline", "member", "ref")
+    __slots__ = ("actor", "deadline", "member", "ref", "started")
 
     def __init__(
-        self, member: int, actor: Actor, ref: ray.ObjectRef[Any], deadline: float | None
+        self,
+        member: int,
+        actor: Actor,
+        ref: ray.ObjectRef[Any],
+        deadline: float | None,
+        started: int,
     ) -> None:
         self.member = member
         self.actor = actor
         self.ref = ref
         self.deadline = deadline
+        self.started = started  # for the member's counts
 
 
 class RayPool(Generic[T]):
@@ -107,8 +115,8 @@ class RayPool(Generic[T]):
             self._release(member)
 
     def kind(self, name: str) -> Kind:
-        """Every name is a method on Ray (see ``RayServer.kind``)."""
-        return Kind.METHOD
+        """What ``name`` is in the service (see ``RayServer.kind``)."""
+        return self._members[0].kind(name)
 
     def get(self, name: str, timeout: float | None) -> Any:
         return self._members[0].get(name, timeout)
@@ -143,7 +151,14 @@ class RayPool(Generic[T]):
     def astream(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> AsyncIterator[Any]:
-        return self._members[0].astream(method, args, kwargs, timeout)
+        """A generator or async generator method on the least busy actor, for ``async for``."""
+        member = self._take()
+        self._release(member)  # a stream is not counted as a call in flight
+        return self._members[member].astream(method, args, kwargs, timeout)
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counts of every actor, summed."""
+        return snapshot([member._counters for member in self._members])
 
     def _method(self, method: Callable[..., Any]) -> tuple[str, float | None]:
         """The name and timeout of a bound method of this pool's proxy."""
@@ -170,21 +185,30 @@ class RayPool(Generic[T]):
 
     def _send(self, name: str, item: object, timeout: float | None) -> _Call:
         member = self._take()
+        counters = self._members[member]._counters
+        started = counters.begin(name)
         try:
             actor, ref = self._members[member]._submit(name, (item,), {})
         except BaseException:
+            counters.end(name, started, ERROR)
             self._release(member)
             raise
         deadline = None if timeout is None else time.monotonic() + timeout
-        return _Call(member, actor, ref, deadline)
+        return _Call(member, actor, ref, deadline, started)
 
     def _receive(self, call: _Call, name: str, timeout: float | None) -> Any:
         left = None if call.deadline is None else max(call.deadline - time.monotonic(), 1e-3)
+        member = self._members[call.member]
+        outcome = ERROR
         try:
-            return self._members[call.member]._finish(call.actor, name, call.ref, left)
+            value = member._finish(call.actor, name, call.ref, left)
+            outcome = OK
+            return value
         except CallTimeoutError:
+            outcome = TIMEOUT
             raise CallTimeoutError(f"{name}() got no reply within {timeout} s") from None
         finally:
+            member._counters.end(name, call.started, outcome)
             self._release(call.member)
 
     def _map(
@@ -210,6 +234,7 @@ class RayPool(Generic[T]):
                 yield self._receive(call, name, timeout)
         finally:
             for call in pending:  # abandoned: their replies are dropped
+                self._members[call.member]._counters.end(name, call.started, ERROR)
                 self._release(call.member)
 
     def _first_done(self, pending: deque[_Call]) -> _Call:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import signal
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -41,6 +43,7 @@ from ._errors import (
     SerializationError,
     StartupError,
     WorkerDiedError,
+    describe_exitcode,
 )
 from ._messages import Kind
 from ._process import Server
@@ -91,13 +94,34 @@ def death_reason(error: BaseException | None) -> str:
     return text or f"{type(error).__name__} from Ray"
 
 
+def death_word(error: BaseException | None) -> str:
+    """A death's reason in a word, as far as Ray's message tells it: ``"exit 3"``,
+    ``"SIGSEGV"``; ``"unknown"`` when it gives no exit code."""
+    text = "" if error is None else str(error)
+    found = re.search(r"exit(?:ed)? (?:with )?(?:an )?(?:exit )?code (-?\d+)", text)
+    if found is None:
+        return "unknown"
+    code = int(found.group(1))
+    if code < 0:
+        return describe_exitcode(code).removeprefix("killed by ")
+    if code > 128 and code - 128 in _SIGNALS:  # a shell's way of saying "killed by"
+        return _SIGNALS[code - 128]
+    return f"exit {code}"
+
+
+_SIGNALS = {int(s): s.name for s in signal.Signals}
+
+
 class Actor:
     """One Ray actor serving one service, and what we know of its end."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self.hello: ray.ObjectRef[tuple[int, Raised | None]] = handle.hello.remote()
+        self.hello: ray.ObjectRef[tuple[int, Raised | None, dict[str, int]]] = handle.hello.remote()
         self.pid: int | None = None
+        self.kinds: dict[str, Kind] = {}  # the service's methods that are not plain ones
+        #: Told a death's reason in a word (``"SIGKILL"``, ``"exit 3"``), once; not a close.
+        self.on_death: Callable[[str], None] | None = None
         self.dead: str | None = None  # why it ended, once it has
         self._watch: ray.ObjectRef[None] | None = None
 
@@ -109,7 +133,7 @@ class Actor:
     def ready(self, timeout: float | None) -> None:
         """Wait for the service to be built; ``StartupError`` if it was not, and the actor dies."""
         try:
-            pid, startup = ray.get(self.hello, timeout=timeout)
+            pid, startup, kinds = ray.get(self.hello, timeout=timeout)
         except GetTimeoutError:
             self.kill("it did not start in time")
             raise StartupError(f"the Ray actor did not start within {timeout} s") from None
@@ -117,6 +141,7 @@ class Actor:
             self.kill("it failed while starting")
             raise StartupError(f"the Ray actor failed while starting: {death_reason(exc)}") from exc
         self.pid = pid
+        self.kinds = {name: Kind(kind) for name, kind in kinds.items()}
         if startup is not None:
             self.kill("its factory raised")
             raise startup.startup_error()
@@ -124,13 +149,21 @@ class Actor:
         self._watch.future().add_done_callback(self._ended)
 
     def _ended(self, future: Future[None]) -> None:
+        self.died(future.exception())
+
+    def died(self, error: BaseException | None, word: str | None = None) -> None:
+        """The actor is dead (``error``: Ray's word of it); the first word counts."""
         if self.dead is None:
-            self.dead = death_reason(future.exception())
+            self.dead = death_reason(error)
+            if self.on_death is not None:
+                self.on_death(word or death_word(error))
 
     def kill(self, reason: str) -> None:
         """End the actor now (``ray.kill``: no graceful exit)."""
         if self.dead is None:
             self.dead = reason
+            if self.on_death is not None:
+                self.on_death("SIGKILL")
         _kill(self.handle)
 
     def begin_close(self) -> ray.ObjectRef[Any] | None:
@@ -222,6 +255,7 @@ class RayServer(Server[T]):
         weakref.finalize(self, _Holder.kill, self._holder)
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
         self._actor = launched or Actor.launch(factory, self._options)
+        self._actor.on_death = self._counters.died
         self._holder.handle = self._actor.handle
         self._actor.ready(start_timeout)
 
@@ -246,6 +280,7 @@ class RayServer(Server[T]):
     def _replace(self) -> None:
         self._actor.kill("it was replaced")
         self._actor = Actor.launch(self._factory, self._options)
+        self._actor.on_death = self._counters.died
         self._holder.handle = self._actor.handle
         self._actor.ready(self._start_timeout)
         self._counters.started(restart=True)
@@ -287,8 +322,7 @@ class RayServer(Server[T]):
         if isinstance(error, ActorUnavailableError):
             return ConnectionLostError(f"the Ray actor is unreachable: {error}")
         if isinstance(error, RayActorError):
-            if actor.dead is None:
-                actor.dead = death_reason(error)
+            actor.died(error)
             return WorkerDiedError(
                 f"the Ray actor (pid {actor.pid}) died during {name}(): {actor.dead}"
             )
@@ -325,8 +359,9 @@ class RayServer(Server[T]):
             self._counters.end(method, started, outcome)
 
     def stats(self) -> Stats:
-        """A frozen snapshot of this server's counts (sync calls; the actor's deaths are
-        not counted by reason: Ray gives no exit code)."""
+        """A frozen snapshot of this server's counts: calls of every kind (a stream is
+        one call), starts, restarts, and deaths by the reason Ray's message gives
+        (``"unknown"`` when it names no exit code; ``"SIGKILL"`` for a kill)."""
         return snapshot([self._counters])
 
     def stream(
@@ -338,17 +373,18 @@ class RayServer(Server[T]):
     def astream(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> AsyncIterator[Any]:
-        """Not yet on Ray: iterate the sync stream instead."""
-        raise TypeError(f"{method}(): async iteration of a stream is not supported on Ray yet")
+        """A generator or async generator method's items, awaited on the running loop."""
+        return self._stream(method, args, kwargs, timeout)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """``close()`` without blocking the event loop (it runs on a worker thread)."""
         await asyncio.to_thread(self.close, timeout)
 
     def kind(self, name: str) -> Kind:
-        """Every public name of a Ray service is answered as a method: reading a property
-        or data attribute through a Ray proxy is not supported (it would be a call)."""
-        return Kind.METHOD
+        """What the actor said ``name`` is at its start: an ``async def``, generator or
+        async generator method; anything else is answered as a plain method (reading a
+        property or data attribute through a Ray proxy is not supported)."""
+        return self._actor.kinds.get(name, Kind.METHOD)
 
     def get(self, name: str, timeout: float | None) -> Any:
         """Not supported on Ray (see ``kind``)."""
@@ -372,15 +408,19 @@ class RayServer(Server[T]):
 
         actor, ref = self._submit(method, args, kwargs)
         future = CallFuture()
+        started = self._counters.begin(method)
 
         def done(_: object) -> None:
             try:
                 value = self._finish(actor, method, ref, None)
             except BaseException as exc:
+                timed_out = isinstance(exc, CallTimeoutError) or future.cancelled()
+                self._counters.end(method, started, TIMEOUT if timed_out else ERROR)
                 if not future.done():
                     with contextlib.suppress(Exception):
                         future.set_exception(exc)
                 return
+            self._counters.end(method, started, TIMEOUT if future.cancelled() else OK)
             if not future.done():
                 with contextlib.suppress(Exception):
                     future.set_result(value)
@@ -408,16 +448,27 @@ class RayServer(Server[T]):
         """
         if timeout is DEFAULT:
             timeout = self.timeout
-        actor, ref = self._submit(name, args, kwargs)
+        started = self._counters.begin(name)
+        outcome = ERROR
         try:
-            value = await asyncio.wait_for(_awaited(ref), timeout)
-        except asyncio.CancelledError:
-            if self._on_timeout == "kill":
-                actor.kill(f"it was killed after {name}() was cancelled")
-            raise
-        except (RayError, TimeoutError) as exc:
-            raise self._failure(actor, name, exc, timeout) from None
-        return _value(value)
+            actor, ref = self._submit(name, args, kwargs)
+            try:
+                value = await asyncio.wait_for(_awaited(ref), timeout)
+            except asyncio.CancelledError:
+                outcome = TIMEOUT  # a cancellation is the call's timeout
+                if self._on_timeout == "kill":
+                    actor.kill(f"it was killed after {name}() was cancelled")
+                raise
+            except (RayError, TimeoutError) as exc:
+                failure = self._failure(actor, name, exc, timeout)
+                if isinstance(failure, CallTimeoutError):
+                    outcome = TIMEOUT
+                raise failure from None
+            value = _value(value)
+            outcome = OK
+            return value
+        finally:
+            self._counters.end(name, started, outcome)
 
     def _stream(
         self,
@@ -514,7 +565,9 @@ def _value(value: Any) -> Any:
 
 
 class RayStream(Generic[T]):
-    """The items of a generator method on a Ray actor; ``close()`` cancels the task."""
+    """The items of a generator method on a Ray actor, to iterate with ``for`` or
+    ``async for`` (Ray's own ``ObjectRefGenerator`` either way); ``close()`` and
+    ``aclose()`` cancel the task."""
 
     def __init__(
         self,
@@ -529,6 +582,20 @@ class RayStream(Generic[T]):
         self._name = name
         self._generator: ray.ObjectRefGenerator | None = generator
         self._timeout = timeout
+        self._counters: Counters | None = server._counters  # until the stream's end is counted
+        self._started = server._counters.begin(name)
+
+    def _end(self, outcome: int) -> None:
+        """Count the stream's end, once: a stream counts as one call."""
+        counters, self._counters = self._counters, None
+        if counters is not None:
+            counters.end(self._name, self._started, outcome)
+
+    def _failed(self, exc: BaseException) -> Exception:
+        failure = self._server._failure(self._actor, self._name, exc, self._timeout)
+        self._end(TIMEOUT if isinstance(failure, CallTimeoutError) else ERROR)
+        self.close()
+        return failure
 
     def __iter__(self) -> RayStream[T]:
         return self
@@ -546,23 +613,54 @@ class RayStream(Generic[T]):
             value = ray.get(ref)
         except StopIteration:
             self._generator = None
+            self._end(OK)
             raise
         except (RayError, TimeoutError) as exc:
+            raise self._failed(exc) from None
+        return self._item(value)
+
+    def __aiter__(self) -> RayStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        generator = self._generator
+        if generator is None:
+            raise StopAsyncIteration
+        try:
+            ref = await asyncio.wait_for(generator.__anext__(), self._timeout)
+            value = await ref
+        except StopAsyncIteration:
+            self._generator = None
+            self._end(OK)
+            raise
+        except asyncio.CancelledError:  # the awaiting task was cancelled: the stream ends
+            self._end(TIMEOUT)
             self.close()
-            raise self._server._failure(self._actor, self._name, exc, self._timeout) from None
+            raise
+        except (RayError, TimeoutError) as exc:
+            raise self._failed(exc) from None
+        return self._item(value)
+
+    def _item(self, value: Any) -> T:
         if type(value) is Raised:
             self._generator = None
+            self._end(ERROR)
             raise value.rebuild()
         return cast(T, value)
 
     def close(self) -> None:
         """Stop the actor's generator (its ``finally`` runs); idempotent."""
+        self._end(OK)  # a stream left early ended as its consumer wished
         generator, self._generator = self._generator, None
         if generator is not None and not generator.is_finished():
             try:
                 ray.cancel(generator)
             except (RayError, TaskCancelledError, ValueError):
                 pass
+
+    async def aclose(self) -> None:
+        """``close()``, for ``async for``'s callers."""
+        self.close()
 
     def __enter__(self) -> RayStream[T]:
         return self

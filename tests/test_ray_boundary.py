@@ -6,15 +6,18 @@ The Ray tests themselves are in ``tests_ray/`` and need ``pip install -e '.[dev,
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 import pipe_rpc
+from pipe_rpc._messages import Kind
 from pipe_rpc._ray_actor import Raised, ServiceActor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +137,8 @@ def test_a_factory_that_raises_is_reported_by_hello() -> None:
         raise RuntimeError("no service today")
 
     actor = ServiceActor(factory)
-    _pid, startup = actor.hello()
+    _pid, startup, kinds = actor.hello()
+    assert kinds == {}
     assert startup is not None
     error = startup.startup_error()
     assert isinstance(error, pipe_rpc.StartupError)
@@ -154,3 +158,47 @@ def test_a_stream_yields_items_then_the_error() -> None:
     (last,) = items[3:]
     assert isinstance(last, Raised)
     assert isinstance(last.rebuild(), ValueError)
+
+
+class Kinds:
+    def plain(self) -> int:
+        return 1
+
+    async def later(self, x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    def rows(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    async def arows(self, n: int, closed: list[bool]) -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield i
+        finally:
+            closed.append(True)
+
+
+def test_hello_tells_the_kind_of_each_method_that_is_not_plain() -> None:
+    _pid, startup, kinds = ServiceActor(Kinds).hello()
+    assert startup is None
+    assert kinds == {
+        "later": Kind.ASYNC.value,
+        "rows": Kind.GENERATOR.value,
+        "arows": Kind.ASYNC_GENERATOR.value,
+    }
+
+
+def test_the_actor_runs_async_def_methods_and_steps_async_generators() -> None:
+    actor = ServiceActor(Kinds)
+    assert actor.call("later", (21,), {}) == 42
+    assert list(actor.stream("rows", (3,), {})) == [0, 1, 2]
+    closed: list[bool] = []
+    assert list(actor.stream("arows", (3, closed), {})) == [0, 1, 2]
+    assert closed == [True]
+    closed.clear()
+    items = actor.stream("arows", (1000, closed), {})
+    assert next(items) == 0
+    items.close()  # as Ray's cancel closes it: the async generator's finally runs
+    assert closed == [True]

@@ -3,11 +3,12 @@ to unpickle the factories, so everything here is at module level and nothing imp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 
@@ -76,6 +77,15 @@ class Service:
             for i in range(n):
                 yield i
                 time.sleep(0.05)
+        finally:
+            Path(mark).write_text("closed")
+
+    async def acount_to(self, n: int, mark: str) -> AsyncIterator[int]:
+        """``count_to`` as an async generator."""
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0.05)
         finally:
             Path(mark).write_text("closed")
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -352,6 +353,67 @@ def test_a_stream_yields_items_and_close_stops_the_generator(
     assert server.proxy.add(1, 2) == 3  # the slot is free again
     with pytest.raises(pipe_rpc.MethodNotFoundError):
         list(server._stream("nope", (), {}))
+
+
+def test_astream_iterates_a_stream_on_the_loop_and_closes_it_early(
+    server: pipe_rpc.Server[Service], tmp_path: Path
+) -> None:
+    """``astream`` takes a Ray proxy's generator and async generator methods; leaving
+    the loop early stops the actor's generator (its ``finally`` runs)."""
+
+    async def take(method: Any, n: int, mark: Path, stop: int | None = None) -> list[int]:
+        got = []
+        async for item in pipe_rpc.astream(method, n, str(mark)):
+            got.append(item)
+            if stop is not None and len(got) == stop:
+                break
+        return got
+
+    async def main() -> None:
+        proxy = server.proxy
+        assert await take(proxy.count_to, 4, tmp_path / "a") == [0, 1, 2, 3]
+        assert await take(proxy.acount_to, 4, tmp_path / "b") == [0, 1, 2, 3]
+        assert await take(proxy.count_to, 10_000, tmp_path / "c", stop=2) == [0, 1]
+        assert await take(proxy.acount_to, 10_000, tmp_path / "d", stop=2) == [0, 1]
+        assert [i async for i in proxy.acount_to(3, str(tmp_path / "e"))] == [0, 1, 2]
+
+    asyncio.run(asyncio.wait_for(main(), DEADLINE))
+    for name in "abcde":
+        eventually((tmp_path / name).exists, f"generator {name} ran its finally")
+    assert server.proxy.add(1, 2) == 3
+    assert list(server.proxy.count_to(3, str(tmp_path / "f"))) == [0, 1, 2]
+
+
+def test_stats_count_calls_of_every_kind_and_a_death_by_its_reason(tmp_path: Path) -> None:
+    server = pipe_rpc_ray.spawn(Service, restart="on-failure", start_timeout=DEADLINE)
+    try:
+        proxy = server.proxy
+        assert proxy.add(1, 2) == 3
+        assert asyncio.run(asyncio.wait_for(pipe_rpc.acall(proxy.add, 1, 2), DEADLINE)) == 3
+        assert pipe_rpc.submit(proxy.add, 1, 2).result(DEADLINE) == 3
+        assert list(proxy.count_to(2, str(tmp_path / "mark"))) == [0, 1]
+        with pytest.raises(pipe_rpc.WorkerDiedError):
+            proxy.die()  # os._exit(3)
+        assert proxy.add(1, 2) == 3  # a fresh actor
+        stats = server.stats()
+        assert stats.methods["add"].calls == 4
+        assert stats.methods["count_to"].calls == 1
+        assert stats.methods["die"].errors == 1
+        assert (stats.starts, stats.restarts) == (2, 1)
+        assert stats.deaths == {"unknown": 1}  # Ray's message names no exit code for it
+    finally:
+        server.close()
+
+
+def test_a_pools_stats_sum_its_actors() -> None:
+    pool = pipe_rpc_ray.pool(Service, size=2, start_timeout=DEADLINE)
+    with pool as proxy:
+        assert list(pool.map(proxy.square, range(10))) == [x * x for x in range(10)]
+        assert proxy.add(1, 2) == 3
+        stats = pool.stats()
+        assert stats.methods["square"].calls == 10
+        assert stats.methods["add"].calls == 1
+        assert stats.starts == 2
 
 
 # -- the boundary and the example ----------------------------------------------------
