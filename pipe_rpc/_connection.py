@@ -425,9 +425,9 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         local = self.lanes.local
         channel = local.channel
-        if channel is None and local.contended:
+        if channel is None and local.contended and not local.main:
             channel = self.lanes.lane(deadline)
-        if self.protocol.pending_count:  # another call is in flight: this thread contends
+        if self.protocol.pending:  # another call is in flight: this thread contends
             local.contended = True
         call_id = 0
         try:  # registered inside the try: an interrupt anywhere after ends this call alone
@@ -514,7 +514,7 @@ class Connection:
                 except RuntimeError:  # this thread did not hold it
                     pass
                 else:
-                    if self.protocol.pending_count:
+                    if self.protocol.pending:
                         self._pass_lead()
             if led:
                 continue
@@ -551,7 +551,7 @@ class Connection:
                 left = remaining(deadline)
                 if left == 0.0:
                     return
-            alone = protocol.pending_count < 2
+            alone = len(protocol.pending) < 2
             if not alone:  # reading for others too: this thread contends
                 self.lanes.local.contended = True
             try:

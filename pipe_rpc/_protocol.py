@@ -62,7 +62,7 @@ Frames are cut from the stream by ``_wire.FrameReader``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._codec import CALL, RETURN, Codec, UndecodablePayload, hello
@@ -114,6 +114,9 @@ class ClientProtocol(Generic[S]):
         self.peer: Hello | None = None
         self.late_replies = 0
         self._pending: dict[int, S] = {}
+        #: The same table, for reading only: ``len(protocol.pending)`` is ``pending_count``
+        #: without a call, for the connection's hot paths.
+        self.pending: Mapping[int, S] = self._pending
         self._last_id = 0
         self._lock = threading.Lock()
 
