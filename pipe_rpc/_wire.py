@@ -167,7 +167,8 @@ class FrameReader:
         self.chunks: list[bytes | memoryview | _Big] = []
         #: Whole frame bodies, oldest first, for the owner to take.
         self.ready: deque[Body] = deque()
-        self._spare: mmap.mmap | None = None  # the last buffer of at most SPARE_MAX bytes
+        #: The last big buffers, kept for reuse: ``SPARE_MAX`` bytes of them at most.
+        self._spares: list[mmap.mmap] = []
 
     def read_target(self) -> memoryview | None:
         """Where to read the next bytes directly, or ``None`` to append them to ``chunks``."""
@@ -271,23 +272,30 @@ class FrameReader:
         return _Big(buffer, size, have)
 
     def _buffer_for(self, size: int) -> mmap.mmap:
-        """A buffer for a big frame: the spare if nothing refers to it any more, else a new one.
+        """A buffer for a big frame: a spare nothing refers to any more, else a new one.
 
         New buffers are anonymous private memory: the kernel hands out zeroed pages as
         the read fills them, where ``bytearray(size)`` would zero every page first. A
-        decoded object (a numpy array read in place) may keep a buffer alive; the spare
+        decoded object (a numpy array read in place) may keep a buffer alive; a spare
         is reused only when its reference count shows that nothing but this reader holds
-        it. A buffer over ``SPARE_MAX`` is never kept, so a huge reply leaves nothing
+        it. The last buffers are kept, ``SPARE_MAX`` bytes of them in all (several, so
+        that frames read ahead of their decoding, a stream's items, reuse them too; a
+        new page costs a fault, and a stream of 1 MiB items took 330 of them an item).
+        A buffer over ``SPARE_MAX`` is never kept, so a huge reply leaves nothing
         behind once its objects are gone.
         """
-        if self._spare is not None and len(self._spare) >= size and _holders(self) == _FREE:
-            return self._spare
+        spares = self._spares
+        for index in range(len(spares)):
+            if len(spares[index]) >= size and _holders(self, index) == _FREE:
+                return spares[index]
         try:
             buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         except (OSError, OverflowError, MemoryError) as exc:
             raise FrameTooLargeError(f"frame of {size} bytes cannot be allocated: {exc}") from exc
         if size <= SPARE_MAX:
-            self._spare = buffer
+            while spares and sum(map(len, spares)) + size > SPARE_MAX:
+                del spares[0]  # the oldest goes (whoever still holds it keeps it alive)
+            spares.append(buffer)
         return buffer
 
     # -- for tests and simple callers ------------------------------------------
@@ -314,21 +322,21 @@ class FrameReader:
         return not self.chunks
 
 
-def _holders(reader: FrameReader) -> int:
-    """The reference count of the reader's spare, always taken the same way.
+def _holders(reader: FrameReader, index: int) -> int:
+    """The reference count of one of the reader's spares, always taken the same way.
 
-    How many references the count includes (the attribute, a local name, the
+    How many references the count includes (the list, a local name, the
     argument) is the interpreter's business and differs between versions, so
     it is compared with ``_FREE``, taken the same way from a spare nothing else holds.
     """
-    spare = reader._spare
+    spare = reader._spares[index]
     return sys.getrefcount(spare)
 
 
 def _free_holders() -> int:
     reader = FrameReader()
-    reader._spare = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
-    return _holders(reader)
+    reader._spares.append(mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE))
+    return _holders(reader, 0)
 
 
 #: What ``_holders`` reads for a spare held by its reader alone.

@@ -392,6 +392,26 @@ def test_a_big_frame_buffer_is_reused_once_nothing_refers_to_it() -> None:
     assert kept[-5:] == b"\x05" * 5  # not overwritten by the third frame
 
 
+def test_frames_read_ahead_of_their_decoding_reuse_buffers_too() -> None:
+    """A stream's items come several frames at a time: each needs a buffer while the
+    others are held, and once all are let go, the next frames reuse those buffers
+    (a new buffer's every page costs a fault) instead of making new ones."""
+    codec, reader = Codec(), FrameReader()
+    frame = _join(codec.encode_return(1, b"\x07" * (1 << 20)))
+    first, body_a = _read_in_place(reader, frame)
+    second, body_b = _read_in_place(reader, frame)  # the first is still held
+    assert second() is not first()
+    del body_a, body_b
+    third, body_c = _read_in_place(reader, frame)
+    fourth, body_d = _read_in_place(reader, frame)
+    assert {id(third()), id(fourth())} == {id(first()), id(second())}
+    assert bytes(body_d[-3:]) == b"\x07" * 3
+    del body_c, body_d
+    big = _join(codec.encode_return(1, b"\x08" * (SPARE_MAX - (1 << 20))))
+    _read_in_place(reader, big)  # the spares stay within SPARE_MAX bytes in all
+    assert sum(len(spare) for spare in reader._spares) <= SPARE_MAX
+
+
 def test_a_buffer_over_the_spare_bound_is_not_kept() -> None:
     reader = FrameReader()
     frame = _join(Codec().encode_return(1, b"\x01" * (SPARE_MAX + 1)))
