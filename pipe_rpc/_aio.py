@@ -33,6 +33,7 @@ from ._connection import Connection, PendingCall
 from ._errors import CallTimeoutError
 from ._process import OnTimeout, RestartPolicy, Server, StartMethod, spawn
 from ._proxy import _Method
+from ._stats import ERROR, TIMEOUT, MethodCounts
 from ._transport import WriteTimeout
 
 if TYPE_CHECKING:
@@ -197,6 +198,10 @@ async def _write(core: Connection, frame: list[Any]) -> None:
 # -- concurrent.futures ----------------------------------------------------------
 
 
+#: Makes only the first ``cancel()`` of a ``CallFuture`` act (it is rare: one lock for all).
+_CANCELS = threading.Lock()
+
+
 class CallFuture(Future[Any]):
     """The future of a submitted call; ``cancel()`` acts as the call's timeout.
 
@@ -208,21 +213,44 @@ class CallFuture(Future[Any]):
     def __init__(self) -> None:
         super().__init__()
         self.on_cancel: list[Any] = []  # callables run when the call is cancelled
+        self.cancel_seen = False
         #: ``wait(deadline)``: wait in this thread until the call is settled or ``deadline``.
         self.wait: Callable[[float | None], None] | None = None
+        #: The server's counts of the call's method, and when it started; the outcome
+        #: is counted as the future completes (once: a second completion raises).
+        self.counts: MethodCounts | None = None
+        self.started = 0
 
     def result(self, timeout: float | None = None) -> Any:
         wait = self.wait
-        if wait is not None and not self.done():
+        # ``_state`` read without the condition: a hint only (``done()`` would take it).
+        if wait is not None and self._state != "FINISHED":
             end = None if timeout is None else time.monotonic() + timeout
             wait(end)
             if end is not None:
                 timeout = max(0.0, end - time.monotonic())
         return super().result(timeout)
 
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        if self.counts is not None:
+            self.counts.ok(self.started)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        if self.counts is not None:
+            timed_out = isinstance(exception, CallTimeoutError)
+            self.counts.failed(self.started, TIMEOUT if timed_out else ERROR)
+
     def cancel(self) -> bool:
-        if not super().cancel():  # answered already, or cancelled before
+        if not super().cancel():  # answered already
             return False
+        with _CANCELS:  # ``Future.cancel`` is true again once cancelled: act on the first
+            if self.cancel_seen:
+                return True
+            self.cancel_seen = True
+        if self.counts is not None:
+            self.counts.failed(self.started, TIMEOUT)
         for callback in self.on_cancel:  # abandon the call; kill its child if that is the policy
             callback()
         return True
@@ -240,9 +268,9 @@ class _FutureWaiter:
 
     def wake(self) -> None:
         pending, future = self.pending, self.future
-        if not pending.done or future.done():
+        if not pending.done:
             return
-        try:
+        try:  # a future already completed or cancelled raises (``done()`` costs as much)
             if pending.ok:
                 future.set_result(pending.value)
             else:
@@ -257,8 +285,9 @@ class _Pump:
     It stays ``_LINGER`` seconds after the last one for the next: a thread start
     costs more than a call, and ``submit(...).result()`` in a loop would pay one a call.
     While the futures are waited on by ``result()`` (whose thread reads the reply
-    itself), it gives each call ``_GRACE`` seconds before it waits for it too: a
-    second thread woken for every reply costs more than the call as well.
+    itself), it gives each call ``_GRACE`` seconds before it waits for it too, and
+    ``add`` does not wake it: it looks every ``_GRACE`` seconds instead. A second
+    thread woken for every call costs more than the call as well.
     """
 
     def __init__(self, core: Connection) -> None:
@@ -267,6 +296,7 @@ class _Pump:
         self.lock = threading.Lock()
         self.more = threading.Condition(self.lock)
         self.running = False
+        self.dozing = False  # waiting for ``add`` to wake it, not looking by itself
         self.waited = False  # the last call was settled by a ``result()`` in its thread
         self._nap = threading.Lock()
         self._nap.acquire()  # never released: ``acquire(timeout=...)`` on it is a nap
@@ -276,25 +306,30 @@ class _Pump:
             self.queue.append(item)
             start = not self.running
             self.running = True
-            self.more.notify()
+            if self.dozing or not self.waited:
+                self.more.notify()
         if start:
             _thread.start_new_thread(self._run, ())
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self.lock:
-                if not self.queue:
-                    self.more.wait(_LINGER)
-                if not self.queue:
-                    self.running = False
-                    return
+                while not self.queue:
+                    now = time.monotonic()
+                    if now - idle_since >= _LINGER:
+                        self.running = False
+                        return
+                    self.dozing = not self.waited
+                    self.more.wait(_LINGER if self.dozing else _GRACE)
+                    self.dozing = False
                 pending, call_id, deadline, future = self.queue[0]
             try:
                 if self.waited and not pending.done:
                     self._nap.acquire(True, _GRACE)
                 if not pending.done:
                     self.waited = False
-                self.core._wait_pipe(pending, deadline)
+                    self.core._wait_pipe(pending, deadline)
                 if not pending.done and not future.done():
                     self.core.abandon(call_id)
                     if not pending.settled():
@@ -305,6 +340,7 @@ class _Pump:
             finally:
                 with self.lock:
                     self.queue.popleft()
+                idle_since = time.monotonic()
 
 
 def _wait_for(pump: _Pump, pending: PendingCall, deadline: float | None, end: float | None) -> None:
@@ -328,7 +364,6 @@ def _time_out(future: CallFuture, pending: PendingCall, core: Connection) -> Non
         pass
 
 
-_PUMPS: weakref.WeakKeyDictionary[Connection, _Pump] = weakref.WeakKeyDictionary()
 _PUMPS_LOCK = threading.Lock()
 
 
@@ -342,6 +377,11 @@ def submit_call(
     """Register and write one call; its outcome completes the returned future."""
     core.check_usable()
     future = CallFuture()
+    counters = core.counters
+    if counters is not None:
+        future.counts = counts = counters.of(method)
+        next(counts.started)
+        future.started = time.perf_counter_ns()
     pending = PendingCall(method)
     pending.waiter = _FutureWaiter(future, pending)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -360,10 +400,12 @@ def submit_call(
         pending.waiter.wake()
         return future
     future.on_cancel.append(functools.partial(core.abandon, call_id))
-    with _PUMPS_LOCK:
-        pump = _PUMPS.get(core)
-        if pump is None:
-            pump = _PUMPS[core] = _Pump(core)
+    pump = core.pump
+    if pump is None:
+        with _PUMPS_LOCK:
+            pump = core.pump
+            if pump is None:
+                pump = core.pump = _Pump(core)
     future.wait = functools.partial(_wait_for, pump, pending, deadline)
     pump.add((pending, call_id, deadline, future))
     return future

@@ -30,16 +30,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _ended(future: Future[Any]) -> int:
-    """How a submitted call ended, for its counts."""
-    if future.cancelled():
-        return TIMEOUT
-    error = future.exception()
-    if error is None:
-        return OK
-    return TIMEOUT if isinstance(error, CallTimeoutError) else ERROR
-
-
 class Client(Generic[T]):
     """A thread-safe client over one end of a duplex ``multiprocessing.Pipe``.
 
@@ -128,12 +118,7 @@ class Client(Generic[T]):
 
         if timeout is DEFAULT:
             timeout = self.timeout
-        future = submit_call(self._core, method, args, kwargs, timeout)
-        counters = self._core.counters
-        if counters is not None:
-            started = counters.begin(method)
-            future.add_done_callback(lambda done: counters.end(method, started, _ended(done)))
-        return future
+        return submit_call(self._core, method, args, kwargs, timeout)
 
     def stream(
         self,

@@ -57,6 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection as Pipe
+from time import perf_counter_ns
 from typing import Any, Protocol, cast
 
 from ._codec import Codec
@@ -83,7 +84,7 @@ from ._liveness import (
 from ._messages import Cancel, Channel, Credit, Describe, Get, Kind, OpenChannel, Shutdown
 from ._protocol import ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
-from ._stats import ERROR, OK, TIMEOUT, Counters
+from ._stats import ERROR, TIMEOUT, Counters
 from ._transport import (
     PeerGone,
     Transport,
@@ -222,6 +223,7 @@ class Connection:
         self.closed = False
         self.broken: PipeRPCError | None = None
         self.counters: Counters | None = None  # a server's: what its calls count into
+        self.pump: Any = None  # ``submit``'s thread that completes futures (``_aio._Pump``)
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
         self._state_lock = threading.Lock()  # the channel count and the monitor's start
@@ -252,16 +254,19 @@ class Connection:
         counters = self.counters
         if counters is None:
             return self._run(PendingCall(method), timeout, None, args, kwargs)
-        started = counters.begin(method)
+        counts = counters.of(method)  # ``Counters.begin`` and ``end``, written out
+        next(counts.started)
+        started = perf_counter_ns()
         try:
             value = self._run(PendingCall(method), timeout, None, args, kwargs)
         except CallTimeoutError:
-            counters.end(method, started, TIMEOUT)
+            counts.failed(started, TIMEOUT)
             raise
         except BaseException:
-            counters.end(method, started, ERROR)
+            counts.failed(started, ERROR)
             raise
-        counters.end(method, started, OK)
+        counts.latencies.append(perf_counter_ns() - started)
+        next(counts.ended)
         return value
 
     def get(self, name: str, timeout: float | None) -> Any:
@@ -741,6 +746,7 @@ class Connection:
         if self.lanes.monitor is not None:
             self.lanes.monitor.stop()
         self._close_descriptor()
+        self.pump = None  # it holds this connection: no cycle left for the collector
 
     def _say_goodbye(self) -> None:
         """Send ``Shutdown``, briefly: a frame an interrupted caller left is finished first."""

@@ -28,7 +28,7 @@ _Raw = tuple[int, int, int, int, list[int]]
 OK, ERROR, TIMEOUT = 0, 1, 2
 
 
-class _Method:
+class MethodCounts:
     """One method's counts. Each is an ``itertools.count`` whose ``next()`` is one C
     call, so a call is counted without a lock; the latencies go to a ring whose
     ``append`` is one C call too."""
@@ -42,6 +42,20 @@ class _Method:
         self.timeouts = itertools.count()
         self.latencies: deque[int] = deque(maxlen=RECENT)
         self.base = [0, 0, 0]  # calls, errors and timeouts absorbed from retired counters
+
+    def ok(self, started: int) -> None:
+        """The call that began at ``started`` (``perf_counter_ns``) returned."""
+        self.latencies.append(time.perf_counter_ns() - started)
+        next(self.ended)
+
+    def failed(self, started: int, outcome: int) -> None:
+        """The call that began at ``started`` (``perf_counter_ns``) ended with ``outcome``."""
+        self.latencies.append(time.perf_counter_ns() - started)
+        if outcome == ERROR:
+            next(self.errors)
+        elif outcome == TIMEOUT:
+            next(self.timeouts)
+        next(self.ended)
 
     def raw(self) -> _Raw:
         started, ended = _value(self.started), _value(self.ended)
@@ -65,29 +79,30 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # only for a method's first call, and for starts
-        self._methods: dict[str, _Method] = {}
+        self._methods: dict[str, MethodCounts] = {}
         self.starts = 0
         self.restarts = 0
         self.deaths: dict[str, int] = {}
 
-    def begin(self, method: str) -> int:
-        """A call of ``method`` starts; returns the time to give to ``end``."""
+    def of(self, method: str) -> MethodCounts:
+        """The counts of ``method``, made at its first call. (A sync call counts with
+        them inline: ``next(m.started)`` and the clock as it starts, and the latency
+        and ``next(m.ended)`` as it returns; two method calls more cost as much as
+        the counting itself.)"""
         counts = self._methods.get(method)
         if counts is None:
             with self._lock:
-                counts = self._methods.setdefault(method, _Method())
-        next(counts.started)
+                counts = self._methods.setdefault(method, MethodCounts())
+        return counts
+
+    def begin(self, method: str) -> int:
+        """A call of ``method`` starts; returns the time to give to ``end``."""
+        next(self.of(method).started)
         return time.perf_counter_ns()
 
     def end(self, method: str, started: int, outcome: int) -> None:
         """A call of ``method`` ended (``OK``, ``ERROR`` or ``TIMEOUT``)."""
-        counts = self._methods[method]
-        counts.latencies.append(time.perf_counter_ns() - started)
-        if outcome == ERROR:
-            next(counts.errors)
-        elif outcome == TIMEOUT:
-            next(counts.timeouts)
-        next(counts.ended)
+        self._methods[method].failed(started, outcome)
 
     def died(self, reason: str) -> None:
         with self._lock:
@@ -104,7 +119,7 @@ class Counters:
         methods, starts, restarts, deaths = other.raw()
         with self._lock:
             for name, (calls, errors, timeouts, _, latencies) in methods.items():
-                counts = self._methods.setdefault(name, _Method())
+                counts = self._methods.setdefault(name, MethodCounts())
                 counts.base[0] += calls
                 counts.base[1] += errors
                 counts.base[2] += timeouts

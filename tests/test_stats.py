@@ -66,6 +66,30 @@ def test_async_and_submitted_calls_are_counted() -> None:
     assert stats.methods["echo"].calls == 3
 
 
+def test_each_way_a_submitted_call_ends_is_counted_once() -> None:
+    server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2)
+    with server as calc:
+        failing = pipe_rpc.submit(calc.raise_custom, 1, "x")
+        with pytest.raises(CustomError):
+            failing.result(SETTLE)
+        slow = pipe_rpc.options(calc, timeout=0.2)
+        with pytest.raises(pipe_rpc.CallTimeoutError):
+            pipe_rpc.submit(slow.sleep_then_return, 5.0, 0).result(SETTLE)
+        cancelled = pipe_rpc.submit(calc.sleep_then_return, 5.0, 0)
+        assert cancelled.cancel()
+        assert cancelled.cancel()  # true again, as for any future: counted once all the same
+        assert pipe_rpc.submit(calc.add, 1, 2).result(SETTLE) == 3
+        stats = server.stats()
+    raised = stats.methods["raise_custom"]
+    assert (raised.calls, raised.errors, raised.timeouts, raised.in_flight) == (1, 1, 0, 0)
+    slept = stats.methods["sleep_then_return"]
+    assert (slept.calls, slept.errors, slept.timeouts, slept.in_flight) == (2, 0, 2, 0)
+    added = stats.methods["add"]
+    assert (added.calls, added.errors, added.timeouts, added.in_flight) == (1, 0, 0, 0)
+    assert added.p50_us is not None
+    assert added.p50_us > 0
+
+
 def test_restarts_and_deaths_by_reason() -> None:
     server = pipe_rpc.spawn(FaultService, start_method="forkserver", restart="on-failure")
     with server as service:
