@@ -36,12 +36,12 @@ that doubles from 0.1 s up to 10 s, and each failure is logged (WARNING on
 ``"pipe_rpc"``); while no child runs, a caller waiting for one gets the
 ``StartupError`` of a start that failed while it waited.
 
-``map`` runs one thread per call it may have in flight (``size *
-max_concurrency``), each sending a call only to a worker with a free place
-(fewer than ``max_concurrency`` calls in flight), so no call waits behind
-another in a child, and a crash fails only the items that were running in it.
-The consumer's thread draws items from the iterable, at most a bounded window
-ahead of the results it has handed out.
+``map`` has no thread of its own: each item is a submitted call, sent only to
+a worker with a free place (fewer than ``max_concurrency`` calls in flight), so
+no call waits behind another in a child, and a crash fails only the items that
+were running in it. The consumer's thread draws items from the iterable, at most
+a bounded window ahead of the results it has handed out, and reads the replies
+(see ``_pool_map``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from ._errors import CallTimeoutError, ClientClosedError
+from ._errors import ClientClosedError
 from ._liveness import check_owner, fork_generation
 from ._messages import Kind
 from ._pool_map import MapResults
@@ -72,13 +72,6 @@ T = TypeVar("T")
 A = TypeVar("A")
 R = TypeVar("R")
 P = ParamSpec("P")
-
-
-def _future_done(workers: Workers, worker: _Worker, future: Future[Any]) -> None:
-    if future.cancelled():
-        workers.give_back(worker, CallTimeoutError("the call was cancelled"))
-    else:
-        workers.give_back(worker, future.exception())
 
 
 class Pool(Generic[T]):
@@ -170,7 +163,7 @@ class Pool(Generic[T]):
         except BaseException as exc:
             workers.give_back(worker, exc)
             raise
-        future.add_done_callback(functools.partial(_future_done, workers, worker))
+        future.add_done_callback(functools.partial(workers.future_done, worker))
         return future
 
     def stream(

@@ -1,56 +1,40 @@
-"""``Pool.map``'s iterator and threads (see ``_pool``)."""
+"""``Pool.map``'s iterator (see ``_pool``): each item is a submitted call, and the
+consumer's thread does all the work, with no thread of the map's own.
+
+Items are drawn only when a child has a free place (fewer than ``max_concurrency``
+calls in flight), so no item waits behind another in a child and a crash fails
+only the items that were running in it; and at most ``_MAP_WINDOW`` items per
+place are drawn ahead of the results handed out. In order, the consumer waits for
+the oldest item's reply itself (the future's ``result()`` reads its pipe); as they
+complete, it waits for the first future done, completed by each connection's
+``submit`` thread.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
-from collections.abc import Callable, Iterator
+import concurrent.futures
+import functools
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._errors import ClientClosedError
 
 if TYPE_CHECKING:
-    import queue
-
     from ._pool import Pool
+    from ._pool_workers import Workers, _Worker
 
 R = TypeVar("R")
 
-#: How far ``map`` runs ahead of the results handed out, in calls per place in the pool.
+_NONE: Any = object()  # no item
+
+#: How long an unordered map reads the oldest call's pipe before it waits for any.
+_LOOK = 0.002
+
+#: How far ``map`` draws ahead of the results handed out, in items per place in the pool.
 _MAP_WINDOW = 2
-
-
-class _MapRun:
-    """What ``map``'s threads share with its iterator: the queues and the stop flag."""
-
-    def __init__(self, tasks: queue.SimpleQueue[Any], results: queue.SimpleQueue[Any]) -> None:
-        self.tasks = tasks
-        self.results = results
-        self.stopped = False
-        self.threads: list[threading.Thread] = []
-
-
-def _map_thread(
-    call: Callable[[str, tuple[Any, ...], dict[str, Any], Any, int], Any],
-    run: _MapRun,
-    name: str,
-    timeout: Any,
-    places: int,
-) -> None:
-    """One of ``map``'s threads: make the calls it is given, one at a time."""
-    tasks, results = run.tasks, run.results
-    while True:
-        task = tasks.get()
-        if task is None or run.stopped:
-            return
-        index, item = task
-        try:
-            value = call(name, (item,), {}, timeout, places)
-        except BaseException as exc:  # the item's outcome
-            results.put((index, False, exc))
-        else:
-            results.put((index, True, value))
 
 
 class MapResults(Iterator[R]):
@@ -60,20 +44,17 @@ class MapResults(Iterator[R]):
         self, pool: Pool[Any], name: str, timeout: Any, source: Iterator[Any], ordered: bool
     ) -> None:
         self._pool = pool
+        self._workers: Workers = pool._workers
         self._name = name
         self._timeout = timeout
         self._source: Iterator[Any] | None = source
         self._source_error: BaseException | None = None
         self._ordered = ordered
-        places = pool.size * pool._places
-        self._threads = places
-        self._window = places * _MAP_WINDOW
-        self._sent = 0  # items drawn and sent
-        self._pending = 0  # sent, result not received
-        self._next = 0  # ordered: the index of the next result to hand out
-        self._buffer: dict[int, tuple[bool, Any]] = {}
-        self._run: _MapRun | None = None
-        self._stopper: weakref.finalize[Any, Any] | None = None
+        self._places = pool._places
+        self._window = pool.size * pool._places * _MAP_WINDOW
+        self._flight: deque[Future[Any]] = deque()  # sent and not handed out, oldest first
+        self._done: deque[Future[Any]] = deque()  # unordered: completed, not handed out
+        self._held: Any = _NONE  # an item drawn when no child had a free place
         self._finished = False
 
     def __iter__(self) -> MapResults[R]:
@@ -82,98 +63,95 @@ class MapResults(Iterator[R]):
     def __next__(self) -> R:
         if self._finished:
             raise StopIteration
-        if self._pool._workers.closed:  # every call would fail: not one per item left
+        if self._workers.closed:  # every call would fail: not one per item left
             self.close()
             raise ClientClosedError("the pool was closed")
-        run = self._run or self._start()
-        while True:
-            self._send(run)
-            outcome = self._take_ready()
-            if outcome is not None:
-                ok, value = outcome
-                if ok:
-                    return cast(R, value)
-                raise value
-            if not self._pending:
-                self._finish()
-                error, self._source_error = self._source_error, None
-                if error is not None:
-                    raise error
-                raise StopIteration
-            index, ok, value = run.results.get()
-            self._pending -= 1
-            self._buffer[index] = (ok, value)
+        self._send()
+        flight = self._flight
+        if not flight:
+            self._finished = True
+            error, self._source_error = self._source_error, None
+            if error is not None:
+                raise error
+            raise StopIteration
+        future = flight.popleft() if self._ordered else self._first_done()
+        return cast(R, future.result())
 
-    def _start(self) -> _MapRun:
-        import queue
+    def _first_done(self) -> Future[Any]:
+        done, flight = self._done, self._flight
+        if not done:
+            # Most often the oldest call's reply is the next to come: read its pipe in
+            # this thread a moment (a future's wait), as an ordered map does, before
+            # waiting for whichever completes first (each pipe read by its own thread).
+            look = getattr(flight[0], "wait", None)
+            if look is not None:
+                look(time.monotonic() + _LOOK)
+        if not done:
+            concurrent.futures.wait(flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        future = done.popleft()
+        flight.remove(future)
+        return future
 
-        run = _MapRun(queue.SimpleQueue(), queue.SimpleQueue())
-        self._run = run
-        pool = self._pool
-        for number in range(self._threads):
-            thread = threading.Thread(
-                target=_map_thread,
-                args=(pool._call, run, self._name, self._timeout, pool._places),
-                name=f"pipe_rpc-map-{number}",
-                daemon=True,
-            )
-            thread.start()
-            run.threads.append(thread)
-        self._stopper = weakref.finalize(self, _stop, run, self._threads)
-        return run
+    def _send(self) -> None:
+        """Draw and send items while the window has room and a child a free place; wait
+        for a child only when nothing is in flight."""
+        workers, flight = self._workers, self._flight
+        while len(flight) < self._window:
+            item = self._held
+            if item is _NONE:
+                item = self._draw()
+                if item is _NONE:
+                    return
+            worker = workers.take_now(self._places)
+            timeout = self._timeout
+            if worker is None:
+                if flight:
+                    self._held = item
+                    return
+                deadline = self._pool._deadline(timeout)
+                worker, waited = workers.take(deadline, self._places)
+                if waited and deadline is not None:  # the wait counts against the call
+                    timeout = max(deadline - time.monotonic(), 1e-6)
+            self._held = _NONE
+            flight.append(self._submit(worker, item, timeout))
 
-    def _send(self, run: _MapRun) -> None:
-        """Draw and send items while the window has room."""
+    def _draw(self) -> Any:
+        """The next item, or ``_NONE`` once the source has ended (or failed: its error is
+        raised after the items before it)."""
         source = self._source
-        while source is not None and self._pending + len(self._buffer) < self._window:
-            try:
-                item = next(source)
-            except StopIteration:
-                source = self._source = None
-            except Exception as exc:  # raised at the place of the item it failed to give
-                self._source_error = exc
-                source = self._source = None
-            else:
-                run.tasks.put((self._sent, item))
-                self._sent += 1
-                self._pending += 1
+        if source is None:
+            return _NONE
+        try:
+            return next(source)
+        except StopIteration:
+            pass
+        except Exception as exc:  # raised at the place of the item it failed to give
+            self._source_error = exc
+        self._source = None
+        return _NONE
 
-    def _take_ready(self) -> tuple[bool, Any] | None:
-        buffer = self._buffer
-        if self._ordered:
-            outcome = buffer.pop(self._next, None)
-            if outcome is not None:
-                self._next += 1
-            return outcome
-        if buffer:
-            return buffer.pop(next(iter(buffer)))
-        return None
-
-    def _finish(self) -> None:
-        """Every item is handed out: the threads end, and are waited for (they are idle)."""
-        self._finished = True
-        run = self._run
-        if run is not None and self._stopper is not None:
-            self._stopper()
-            for thread in run.threads:
-                thread.join(1.0)
+    def _submit(self, worker: _Worker, item: Any, timeout: Any) -> Future[Any]:
+        workers = self._workers
+        try:
+            future = worker.server.submit(self._name, (item,), {}, timeout)
+        except Exception as exc:  # the item's outcome: it never went
+            workers.give_back(worker, exc)
+            future = Future()
+            future.set_exception(exc)
+            return future
+        except BaseException as exc:
+            workers.give_back(worker, exc)
+            raise
+        future.add_done_callback(functools.partial(workers.future_done, worker))
+        if not self._ordered:
+            future.add_done_callback(self._done.append)
+        return future
 
     def close(self) -> None:
-        """Stop sending items; calls in flight finish in their children, their results dropped."""
-        if self._finished:
-            return
+        """Stop drawing items; calls in flight finish in their children, their results
+        dropped."""
         self._finished = True
         self._source = None
-        self._buffer.clear()
-        if self._stopper is not None:
-            self._stopper()
-
-
-def _stop(run: _MapRun, threads: int) -> None:
-    """Drop the items not sent yet and let each thread end after its call."""
-    run.stopped = True
-    with contextlib.suppress(Exception):
-        while True:
-            run.tasks.get_nowait()
-    for _ in range(threads):
-        run.tasks.put(None)
+        self._held = _NONE
+        self._flight.clear()
+        self._done.clear()

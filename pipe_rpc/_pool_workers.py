@@ -25,6 +25,7 @@ from ._stats import Counters
 
 if TYPE_CHECKING:
     import logging
+    from concurrent.futures import Future
 
 #: The first delay before a failed start is tried again; it doubles up to ``_MAX_BACKOFF``.
 _FIRST_BACKOFF = 0.1
@@ -292,10 +293,10 @@ class Workers:
             waited = True
             self._wait(deadline, limit, failures)
 
-    def take_now(self) -> _Worker | None:
+    def take_now(self, limit: int | None = None) -> _Worker | None:
         """``take`` without waiting: ``None`` if no worker is ready (or alive) now."""
         with self._cond:
-            worker = self._pick(None)
+            worker = self._pick(limit)
         if worker is not None and worker.server._ended():
             self.give_back(worker, dead=True)
             return None
@@ -384,6 +385,13 @@ class Workers:
                 self._drained.append(worker)
             self._cond.notify_all()
         self.chores()
+
+    def future_done(self, worker: _Worker, future: Future[Any]) -> None:
+        """``give_back`` for a submitted call, as its future completes (a done callback)."""
+        if future.cancelled():
+            self.give_back(worker, CallTimeoutError("the call was cancelled"))
+        else:
+            self.give_back(worker, future.exception())
 
     def _retire(self, worker: _Worker) -> None:
         """Under the lock: ``worker`` takes no more calls, and its slot starts another."""
