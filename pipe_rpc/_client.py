@@ -22,12 +22,25 @@ from ._stats import ERROR, OK, TIMEOUT
 from ._stream import RemoteAsyncIterator, RemoteIterator, StreamCall
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
+    from ._futures import CallFuture
 
-# The asyncio and futures front-ends (``_aio``) are imported when first used: a
-# child imports this module, and asyncio or concurrent.futures would cost its start.
+# The asyncio and futures front-ends (``_aio``, ``_futures``) are imported when first
+# used: a child imports this module, and asyncio or concurrent.futures (which imports
+# logging) would cost its start.
 
 T = TypeVar("T")
+
+
+#: ``_futures.submit_call`` once the first ``submit`` imported it (an import statement
+#: run per call costs a microsecond).
+_SUBMIT_CALL: list[Callable[..., CallFuture]] = []
+
+
+def _load_submit_call() -> Callable[..., CallFuture]:
+    from ._futures import submit_call
+
+    _SUBMIT_CALL.append(submit_call)
+    return submit_call
 
 
 class Client(Generic[T]):
@@ -112,10 +125,9 @@ class Client(Generic[T]):
 
     def submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
-    ) -> Future[Any]:
+    ) -> CallFuture:
         """``invoke`` whose outcome completes a future; returns once the call is sent."""
-        from ._aio import submit_call
-
+        submit_call = _SUBMIT_CALL[0] if _SUBMIT_CALL else _load_submit_call()
         if timeout is DEFAULT:
             timeout = self.timeout
         return submit_call(self._core, method, args, kwargs, timeout)

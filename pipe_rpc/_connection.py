@@ -223,7 +223,7 @@ class Connection:
         self.closed = False
         self.broken: PipeRPCError | None = None
         self.counters: Counters | None = None  # a server's: what its calls count into
-        self.pump: Any = None  # ``submit``'s thread that completes futures (``_aio._Pump``)
+        self.pump: Any = None  # ``submit``'s thread that completes futures (``_futures._Pump``)
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
         self._state_lock = threading.Lock()  # the channel count and the monitor's start

@@ -734,12 +734,9 @@ class Server(Generic[T]):
         ``future.cancel()`` acts as the call's timeout: under ``on_timeout="kill"``
         the child is killed.
         """
-        from ._aio import CallFuture
-
         child = self._child_for_call()
         future = child.client.submit(method, args, kwargs, timeout)
-        if isinstance(future, CallFuture):
-            future.on_cancel.append(functools.partial(self._cancelled, child, method))
+        future.on_cancel.append(functools.partial(self._cancelled, child, method))
         return future
 
     def _cancelled(self, child: _Child, method: str) -> None:

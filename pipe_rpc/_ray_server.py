@@ -45,6 +45,7 @@ from ._errors import (
     WorkerDiedError,
     describe_exitcode,
 )
+from ._futures import CallFuture
 from ._messages import Kind
 from ._process import Server
 from ._proxy import DEFAULT, Proxy, check_timeout
@@ -404,8 +405,6 @@ class RayServer(Server[T]):
         The call's timeout is not applied to a submitted call on Ray; ``cancel()``
         cancels the task (and kills the actor under ``on_timeout="kill"``).
         """
-        from ._aio import CallFuture
-
         actor, ref = self._submit(method, args, kwargs)
         future = CallFuture()
         started = self._counters.begin(method)
