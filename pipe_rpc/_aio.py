@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._connection import Connection, PendingCall
 from ._errors import CallTimeoutError
-from ._process import OnTimeout, RestartPolicy, Server, StartMethod, spawn
+from ._options import OnTimeout, RestartPolicy, StartMethod
+from ._process import Server, spawn
 from ._proxy import _Method
 
 if TYPE_CHECKING:

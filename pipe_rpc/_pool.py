@@ -57,11 +57,12 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 from ._errors import ClientClosedError
 from ._liveness import check_owner, fork_generation
 from ._messages import Kind
+from ._options import OnTimeout, StartMethod, server_options
 from ._pool_map import MapResults
 from ._pool_streams import PoolAsyncStream, PoolStream
 from ._pool_workers import Workers, _Worker, default_size
-from ._process import OnTimeout, Server, StartMethod, check_options
-from ._proxy import DEFAULT, Proxy, _Method, check_timeout
+from ._process import Server
+from ._proxy import DEFAULT, Proxy, _Method
 from ._stats import snapshot
 
 if TYPE_CHECKING:
@@ -366,7 +367,18 @@ def pool(
         StartupError: a child's factory raised, a child died while starting, or one
             did not answer within ``start_timeout`` seconds; every child is stopped.
     """
-    check_options(factory, start_method, on_timeout, "never", max_concurrency, limits)
+    options = server_options(
+        factory,
+        timeout=timeout,
+        start_method=start_method,
+        on_timeout=on_timeout,
+        max_concurrency=max_concurrency,
+        limits=limits,
+        untrusted=untrusted,
+        name=name,
+        allowed_types=allowed_types,
+        start_timeout=start_timeout,
+    )
     size = default_size() if size is None else size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be None or an int >= 1, got {size!r}")
@@ -378,23 +390,6 @@ def pool(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ValueError(f"{option} must be None or an int >= 1, got {value!r}")
-    timeout = check_timeout(timeout)
-    start_timeout = check_timeout(start_timeout, "start_timeout")
-    make = functools.partial(
-        Server,
-        factory,
-        timeout=timeout,
-        start_method=start_method,
-        on_timeout=on_timeout,
-        restart="never",
-        max_concurrency=max_concurrency,
-        limits=limits,
-        untrusted=untrusted,
-        allowed_types=tuple(allowed_types),
-        max_reply_bytes=None,
-        name=name,
-        start_timeout=start_timeout,
-        wait=False,
-    )
-    workers = Workers(make, size, start_timeout, max_calls_per_child, max_memory_per_child)
-    return Pool[T](workers, timeout, max_concurrency)
+    make = functools.partial(Server, factory, options, wait=False)
+    workers = Workers(make, size, options.start_timeout, max_calls_per_child, max_memory_per_child)
+    return Pool[T](workers, options.timeout, max_concurrency)

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._client import Client
 from ._codec import Codec
@@ -53,9 +53,13 @@ from ._liveness import (
     wait_readable,
 )
 from ._messages import Kind, StartupFailed
-from ._proxy import DEFAULT, Proxy, check_timeout, fresh_error
+from ._options import OnTimeout as OnTimeout  # (re-exported: the names' old home)
+from ._options import RestartPolicy as RestartPolicy
+from ._options import ServerOptions, server_options
+from ._options import StartMethod as StartMethod
+from ._proxy import DEFAULT, Proxy, fresh_error
 from ._scripts import main_for_children, missing_guard_message, unguarded_main_call
-from ._server import check_max_concurrency, serve
+from ._server import serve
 from ._stats import Counters, snapshot
 from ._stderr import ChildStderr, adopt_in_child
 from ._transport import Transport
@@ -69,9 +73,6 @@ if TYPE_CHECKING:  # imported when used: the child needs attrs only when given l
 
 T = TypeVar("T")
 
-StartMethod = Literal["fork", "forkserver", "spawn"]
-OnTimeout = Literal["abandon", "kill"]
-RestartPolicy = Literal["never", "on-failure"]
 
 #: Seconds between SIGTERM and SIGKILL.
 KILL_GRACE = 0.25
@@ -504,34 +505,24 @@ class Server(Generic[T]):
     def __init__(
         self,
         factory: Callable[[], T],
+        options: ServerOptions,
         *,
-        timeout: float | None,
-        start_method: StartMethod | None,
-        on_timeout: OnTimeout,
-        restart: RestartPolicy,
-        max_concurrency: int,
-        limits: Limits | None,
-        untrusted: bool,
-        allowed_types: Iterable[type],
-        max_reply_bytes: int | None,
-        name: str | None,
-        start_timeout: float | None = None,
         wait: bool = True,
     ) -> None:
-        self.timeout = check_timeout(timeout)
-        self._method: StartMethod = start_method or default_start_method()
+        self.timeout = options.timeout
+        self._method: StartMethod = options.start_method or default_start_method()
         self._context: Any = multiprocessing.get_context(self._method)
         if self._method == "forkserver":
             _preload_in_forkserver(self._context)
-        self._on_timeout = on_timeout
-        self._restart_on_failure = restart == "on-failure"
-        self._max_concurrency = max_concurrency
-        self._limits = limits
-        self._untrusted = untrusted
-        self._allowed_types = tuple(allowed_types)
-        self._max_reply_bytes = max_reply_bytes
-        self._name = name
-        self._start_timeout = check_timeout(start_timeout, "start_timeout")
+        self._on_timeout = options.on_timeout
+        self._restart_on_failure = options.restart == "on-failure"
+        self._max_concurrency = options.max_concurrency
+        self._limits = options.limits
+        self._untrusted = options.untrusted
+        self._allowed_types = options.allowed_types
+        self._max_reply_bytes = options.max_reply_bytes
+        self._name = options.name
+        self._start_timeout = options.start_timeout
         import cloudpickle
 
         try:
@@ -899,11 +890,6 @@ class Server(Generic[T]):
         return f"<pipe_rpc.Server pid={self.pid} {state}>"
 
 
-_ON_TIMEOUT = ("abandon", "kill")
-_RESTART = ("never", "on-failure")
-_METHODS = ("fork", "forkserver", "spawn")
-
-
 def spawn(
     factory: Callable[[], T],
     /,
@@ -965,14 +951,7 @@ def spawn(
         with pipe_rpc.spawn(Calculator, timeout=5.0) as calc:
             assert calc.add(1, 2) == 3
     """
-    check_options(factory, start_method, on_timeout, restart, max_concurrency, limits)
-    if max_reply_bytes is not None and (
-        isinstance(max_reply_bytes, bool)
-        or not isinstance(max_reply_bytes, int)
-        or max_reply_bytes < 16
-    ):
-        raise ValueError(f"max_reply_bytes must be None or an int >= 16, got {max_reply_bytes!r}")
-    return Server(
+    options = server_options(
         factory,
         timeout=timeout,
         start_method=start_method,
@@ -981,32 +960,9 @@ def spawn(
         max_concurrency=max_concurrency,
         limits=limits,
         untrusted=untrusted,
+        name=name,
         allowed_types=allowed_types,
         max_reply_bytes=max_reply_bytes,
-        name=name,
         start_timeout=start_timeout,
     )
-
-
-def check_options(
-    factory: object,
-    start_method: str | None,
-    on_timeout: str,
-    restart: str,
-    max_concurrency: int,
-    limits: object,
-) -> None:
-    """Raise ``ValueError`` or ``TypeError`` for an option of ``spawn`` or ``pool`` out of range."""
-    if start_method is not None and start_method not in _METHODS:
-        raise ValueError(f"start_method must be one of {_METHODS} or None, got {start_method!r}")
-    if on_timeout not in _ON_TIMEOUT:
-        raise ValueError(f"on_timeout must be one of {_ON_TIMEOUT}, got {on_timeout!r}")
-    if restart not in _RESTART:
-        raise ValueError(f"restart must be one of {_RESTART}, got {restart!r}")
-    check_max_concurrency(max_concurrency)
-    from ._limits import Limits
-
-    if limits is not None and not isinstance(limits, Limits):
-        raise ValueError(f"limits must be a pipe_rpc.Limits or None, got {limits!r}")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {factory!r}")
+    return Server(factory, options)
