@@ -373,6 +373,26 @@ def test_map_unordered_yields_results_as_they_come(
         next(results)
 
 
+@pytest.mark.parametrize("leave", ["close", "drop"])
+def test_a_map_left_with_a_call_in_flight_gives_its_child_back(
+    leave: str, gate: Path, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    """The consumer stops while item 0 is held in a child: once that call ends, its
+    child counts no call in flight and takes calls again; nothing waits on the map."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    results = pool.map(pool.proxy.hold_first, [(x, str(gate)) for x in range(6)], ordered=False)
+    assert next(results) != 0
+    if leave == "close":
+        results.close()  # type: ignore[attr-defined]
+    else:
+        del results
+    release(gate)
+    wait_for(lambda: pool.stats().methods["hold_first"].in_flight == 0, "the held call to end")
+    assert sorted(pool.broadcast(pool.proxy.pid)) == sorted(pool.pids)
+    assert list(pool.map(pool.proxy.square, range(10))) == [x * x for x in range(10)]
+
+
 def test_map_raises_each_failure_at_its_place_and_goes_on(
     pools: list[pipe_rpc.Pool[Worker]],
 ) -> None:
