@@ -595,7 +595,11 @@ class Connection:
                     if not rang:
                         rang = True
                         os.eventfd_read(channel.doorbell)
-                    transport.read(left, False)
+                        # The server rings after it wrote the reply: read it without a
+                        # poll first (each system call is a turn at the GIL for every thread).
+                        transport.read_available()
+                    if not transport.ready:
+                        transport.read(left, False)
                 self._hand_out(transport)
             except _IO_ERRORS as exc:
                 self._io_failed(exc, transport)
