@@ -595,8 +595,9 @@ class Connection:
                     if not rang:
                         rang = True
                         os.eventfd_read(channel.doorbell)
-                        # The server rings after it wrote the reply: read it without a
-                        # poll first (each system call is a turn at the GIL for every thread).
+                        # The server rings just before it writes the reply, which has most
+                        # often come by the time this thread runs: read before any poll
+                        # (each system call is a turn at the GIL for every calling thread).
                         transport.read_available()
                     if not transport.ready:
                         transport.read(left, False)
