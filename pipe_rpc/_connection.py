@@ -100,8 +100,6 @@ from ._wire import Buffer
 _EXIT_GRACE = 2.0
 #: A follower's longest sleep before it looks whether the lead is free.
 _RECHECK = 0.05
-#: What ``_time_left`` says when a wait is over.
-_OVER = -1.0
 #: What a transport raises when the connection is dead or broke the protocol.
 _IO_ERRORS = (PeerGone, ProtocolError, StartupFailedSignal, OSError)
 
@@ -503,7 +501,7 @@ class Connection:
         """Return once ``pending`` is settled, its deadline passed, or the connection broke."""
         lock = self._read_lock
         left: float | None = None
-        while not pending.done and self.broken is None:  # ``_time_left``, written out
+        while not pending.done and self.broken is None:
             if deadline is not None:
                 left = remaining(deadline)
                 if left == 0.0:
@@ -533,18 +531,10 @@ class Connection:
             if not pending.done:  # settled before it could see the waiter
                 waiter.sleep(_RECHECK if left is None else min(left, _RECHECK))
 
-    def _time_left(self, pending: PendingCall, deadline: float | None) -> float | None:
-        """How long a wait for ``pending`` may still sleep (``None``: no bound), or
-        ``_OVER`` once it is settled, its deadline passed, or the connection broke."""
-        if pending.done or self.broken is not None:
-            return _OVER
-        left = remaining(deadline)
-        return _OVER if left == 0.0 else left
-
     def _lead(self, pending: PendingCall, deadline: float | None) -> None:
         """As the pipe's reader, read and hand out until ``pending`` is settled.
 
-        The loop is ``_time_left`` and ``_hand_out`` written out: it is every call's path.
+        The loop hands out frames as ``_hand_out`` does, written out: it is every call's path.
         """
         pipe = self.pipe
         ready = pipe.ready
@@ -588,10 +578,19 @@ class Connection:
         most once a call (the ring it took may be for a reply still being written).
         """
         transport = channel.transport
+        ready = transport.ready
+        receive = self.protocol.receive
         rang = channel.doorbell < 0 or deadline is not None
-        while (left := self._time_left(pending, deadline)) != _OVER:
+        left: float | None = None
+        # ``_hand_out`` written out: this is every call's path in a thread with a
+        # channel, and the threads take turns at the GIL for each frame of it.
+        while not pending.done and self.broken is None:
+            if deadline is not None:
+                left = remaining(deadline)
+                if left == 0.0:
+                    return
             try:
-                if not transport.ready:
+                if not ready:
                     if not rang:
                         rang = True
                         os.eventfd_read(channel.doorbell)
@@ -599,9 +598,11 @@ class Connection:
                         # often come by the time this thread runs: read before any poll
                         # (each system call is a turn at the GIL for every calling thread).
                         transport.read_available()
-                    if not transport.ready:
+                    if not ready:
                         transport.read(left, False)
-                self._hand_out(transport)
+                while ready:  # a frame leaves ``ready`` only once its call is settled
+                    receive(ready[0])
+                    ready.popleft()
             except _IO_ERRORS as exc:
                 self._io_failed(exc, transport)
 
