@@ -258,10 +258,10 @@ class Connection:
         try:
             value = self._run(PendingCall(method), timeout, None, args, kwargs)
         except CallTimeoutError:
-            counts.failed(started, TIMEOUT)
+            counts.finish(started, TIMEOUT)
             raise
         except BaseException:
-            counts.failed(started, ERROR)
+            counts.finish(started, ERROR)
             raise
         counts.latencies.append(perf_counter_ns() - started)
         next(counts.ended)

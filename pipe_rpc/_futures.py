@@ -21,7 +21,7 @@ from typing import Any
 
 from ._connection import Connection, PendingCall
 from ._errors import CallTimeoutError
-from ._stats import ERROR, TIMEOUT, MethodCounts
+from ._stats import ERROR, OK, TIMEOUT, MethodCounts
 from ._transport import WriteTimeout
 
 #: How long a connection's ``submit`` thread waits for the next call before it ends.
@@ -65,13 +65,13 @@ class CallFuture(Future[Any]):
     def set_result(self, result: Any) -> None:
         super().set_result(result)
         if self.counts is not None:
-            self.counts.ok(self.started)
+            self.counts.finish(self.started, OK)
 
     def set_exception(self, exception: BaseException | None) -> None:
         super().set_exception(exception)
         if self.counts is not None:
             timed_out = isinstance(exception, CallTimeoutError)
-            self.counts.failed(self.started, TIMEOUT if timed_out else ERROR)
+            self.counts.finish(self.started, TIMEOUT if timed_out else ERROR)
 
     def cancel(self) -> bool:
         if not super().cancel():  # answered already
@@ -81,7 +81,7 @@ class CallFuture(Future[Any]):
                 return True
             self.cancel_seen = True
         if self.counts is not None:
-            self.counts.failed(self.started, TIMEOUT)
+            self.counts.finish(self.started, TIMEOUT)
         for callback in self.on_cancel:  # abandon the call; kill its child if that is the policy
             callback()
         return True

@@ -157,8 +157,20 @@ class Pool(Generic[T]):
     ) -> Future[Any]:
         """``invoke`` whose outcome completes a future (``submit``'s way in); the child
         counts the call until the future is done."""
+        worker, _ = self._workers.take(self._deadline(timeout))
+        return self._submit_to(worker, method, args, kwargs, timeout)
+
+    def _submit_to(
+        self,
+        worker: _Worker,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Future[Any]:
+        """Submit on ``worker``, taken for this call; it is given back as the future
+        completes (or at once, if the call could not be sent)."""
         workers = self._workers
-        worker, _ = workers.take(self._deadline(timeout))
         try:
             future = worker.server.submit(method, args, kwargs, timeout)
         except BaseException as exc:

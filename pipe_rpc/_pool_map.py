@@ -13,7 +13,6 @@ complete, it waits for the first future done, completed by each connection's
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -131,18 +130,12 @@ class MapResults(Iterator[R]):
         return _NONE
 
     def _submit(self, worker: _Worker, item: Any, timeout: Any) -> Future[Any]:
-        workers = self._workers
         try:
-            future = worker.server.submit(self._name, (item,), {}, timeout)
+            future = self._pool._submit_to(worker, self._name, (item,), {}, timeout)
         except Exception as exc:  # the item's outcome: it never went
-            workers.give_back(worker, exc)
             future = Future()
             future.set_exception(exc)
             return future
-        except BaseException as exc:
-            workers.give_back(worker, exc)
-            raise
-        future.add_done_callback(functools.partial(workers.future_done, worker))
         if not self._ordered:
             future.add_done_callback(self._done.append)
         return future

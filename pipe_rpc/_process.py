@@ -514,21 +514,13 @@ class Server(Generic[T]):
         self._context: Any = multiprocessing.get_context(self._method)
         if self._method == "forkserver":
             _preload_in_forkserver(self._context)
-        self._on_timeout = options.on_timeout
-        self._restart_on_failure = options.restart == "on-failure"
-        self._max_concurrency = options.max_concurrency
-        self._limits = options.limits
-        self._untrusted = options.untrusted
-        self._allowed_types = options.allowed_types
-        self._max_reply_bytes = options.max_reply_bytes
-        self._name = options.name
-        self._start_timeout = options.start_timeout
+        self._server_options = options
         import cloudpickle
 
         try:
             self._factory_blob = cloudpickle.dumps(factory, 5)
             # Cloudpickled, so that classes of a script read from stdin reach the child too.
-            self._allowed_blob = cloudpickle.dumps(self._allowed_types, 5)
+            self._allowed_blob = cloudpickle.dumps(self._server_options.allowed_types, 5)
         except Exception as exc:
             raise PipeRPCError(f"the factory could not be pickled: {exc!r}") from exc
         self._generation = fork_generation()
@@ -556,13 +548,13 @@ class Server(Generic[T]):
                 child_end,
                 self._factory_blob,
                 os.getpid(),
-                self._limits,
-                self._max_concurrency,
-                self._untrusted,
+                self._server_options.limits,
+                self._server_options.max_concurrency,
+                self._server_options.untrusted,
                 self._allowed_blob,
                 stderr.child_end,
             ),
-            name=self._name or "pipe_rpc-server",
+            name=self._server_options.name or "pipe_rpc-server",
             daemon=False,
         )
         try:
@@ -572,18 +564,18 @@ class Server(Generic[T]):
             child_end.close()
             stderr.child_end.close()  # the pipe ends when the child (and its children) end
         guarded = _GuardedProcess(process)
-        max_reply = self._max_reply_bytes
-        if max_reply is None and self._untrusted:
+        max_reply = self._server_options.max_reply_bytes
+        if max_reply is None and self._server_options.untrusted:
             max_reply = DEFAULT_UNTRUSTED_MAX_REPLY
         client: Client[Any] = Client(
             parent_end,
             timeout=self.timeout,
             process=guarded,
-            untrusted=self._untrusted,
-            allowed_types=self._allowed_types,
+            untrusted=self._server_options.untrusted,
+            allowed_types=self._server_options.allowed_types,
             max_reply_bytes=max_reply,
         )
-        client.death_hint = _death_hint(self._limits, stderr)
+        client.death_hint = _death_hint(self._server_options.limits, stderr)
         client.death_tail = stderr.tail
         child = _Child(guarded, client, stderr, self._method)
         child.fd = parent_end.fileno()
@@ -592,7 +584,7 @@ class Server(Generic[T]):
         self._counters.started(restart=previous is not None)
         self._handle.child = child
         if wait:
-            self._greet(self._start_timeout, previous)
+            self._greet(self._server_options.start_timeout, previous)
 
     # A start in two steps, for a pool that starts its children at once: ``_start(False)``,
     # then ``_greet`` once ``_answered`` says the child has said something.
@@ -619,8 +611,9 @@ class Server(Generic[T]):
             raise
         except CallTimeoutError:
             child.stop(graceful=0)
+            limit = self._server_options.start_timeout
             raise StartupError(
-                f"the factory did not finish within start_timeout={self._start_timeout} s; "
+                f"the factory did not finish within start_timeout={limit} s; "
                 f"server process {child.pid} was killed"
             ) from None
         except PipeRPCError as exc:
@@ -653,7 +646,7 @@ class Server(Generic[T]):
         ):
             monitor = child.core.lanes.monitor
             if monitor is None:
-                if not (self._restart_on_failure and child.sentinel_fired()):
+                if not (self._server_options.restart == "on-failure" and child.sentinel_fired()):
                     return child
             elif not monitor.ended:
                 return child
@@ -665,7 +658,7 @@ class Server(Generic[T]):
             dead = child.client.broken is not None or child.has_ended()
             if not dead:
                 return child
-            if not self._restart_on_failure:
+            if self._server_options.restart != "on-failure":
                 child.client.connection_lost("the server process has ended")
                 broken = child.client.broken
                 assert broken is not None
@@ -782,7 +775,7 @@ class Server(Generic[T]):
         is the policy."""
         if isinstance(exc, ProtocolError):
             child.stop(graceful=0)
-        elif self._on_timeout == "kill":
+        elif self._server_options.on_timeout == "kill":
             _log().warning(
                 "server process %d: %s() timed out; killing it (on_timeout='kill')",
                 child.pid,

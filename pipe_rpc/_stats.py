@@ -43,12 +43,7 @@ class MethodCounts:
         self.latencies: deque[int] = deque(maxlen=RECENT)
         self.base = [0, 0, 0]  # calls, errors and timeouts absorbed from retired counters
 
-    def ok(self, started: int) -> None:
-        """The call that began at ``started`` (``perf_counter_ns``) returned."""
-        self.latencies.append(time.perf_counter_ns() - started)
-        next(self.ended)
-
-    def failed(self, started: int, outcome: int) -> None:
+    def finish(self, started: int, outcome: int) -> None:
         """The call that began at ``started`` (``perf_counter_ns``) ended with ``outcome``."""
         self.latencies.append(time.perf_counter_ns() - started)
         if outcome == ERROR:
@@ -102,7 +97,7 @@ class Counters:
 
     def end(self, method: str, started: int, outcome: int) -> None:
         """A call of ``method`` ended (``OK``, ``ERROR`` or ``TIMEOUT``)."""
-        self._methods[method].failed(started, outcome)
+        self._methods[method].finish(started, outcome)
 
     def died(self, reason: str) -> None:
         with self._lock:
