@@ -29,6 +29,12 @@ read, its reply settled in place. On a side channel the caller is alone by
 construction and reads for itself. A deadline limits a wait; it never picks
 another path.
 
+Reading in place. A plain call by a thread alone on its lane (``_call_alone``,
+``_call_on``) is registered only if it must be: its reply can only come to that
+thread, and most often the first read brings exactly its return value. Until it
+is registered it counts in ``in_flight``, and if it ends early its late reply is
+dropped as any abandoned call's.
+
 Ending early. A ``KeyboardInterrupt``, any exception a signal handler raises,
 a timeout or a dying thread may end a call at any line. Locks are held only
 in ``with`` blocks, or taken inside ``try`` and released in ``finally`` by a
@@ -82,7 +88,7 @@ from ._liveness import (
     wait_exitcode,
 )
 from ._messages import Cancel, Channel, Credit, Describe, Get, Kind, OpenChannel, Shutdown
-from ._protocol import ClientProtocol, StartupFailedSignal
+from ._protocol import NOT_QUICK, ClientProtocol, StartupFailedSignal
 from ._proxy import fresh_error
 from ._stats import ERROR, TIMEOUT, Counters
 from ._transport import (
@@ -222,6 +228,7 @@ class Connection:
         self.broken: PipeRPCError | None = None
         self.counters: Counters | None = None  # a server's: what its calls count into
         self.pump: Any = None  # ``submit``'s thread that completes futures (``_futures._Pump``)
+        self.lone = 0  # the id of the call a lone caller reads in place (``_call_alone``)
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
         self._state_lock = threading.Lock()  # the channel count and the monitor's start
@@ -251,12 +258,12 @@ class Connection:
         """
         counters = self.counters
         if counters is None:
-            return self._run(PendingCall(method), timeout, None, args, kwargs)
+            return self._call(method, args, kwargs, timeout)
         counts = counters.of(method)  # ``Counters.begin`` and ``end``, written out
         next(counts.started)
         started = perf_counter_ns()
         try:
-            value = self._run(PendingCall(method), timeout, None, args, kwargs)
+            value = self._call(method, args, kwargs, timeout)
         except CallTimeoutError:
             counts.finish(started, TIMEOUT)
             raise
@@ -411,6 +418,170 @@ class Connection:
             else:
                 self._pass_lead()
 
+    def _call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """A plain call: read in place by a thread alone on its lane, else ``_run``."""
+        local = self.lanes.local
+        channel = local.channel
+        if channel is not None:
+            return self._call_on(channel, method, args, kwargs, timeout)
+        if (
+            not self.protocol.pending
+            and not self.pipe.ready
+            and (local.main or not (local.contended or self._others_call()))
+        ):
+            lock = self._read_lock
+            try:
+                if lock.acquire(False):
+                    return self._call_alone(method, args, kwargs, timeout)
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # this thread did not hold it
+                    pass
+                else:
+                    if self.protocol.pending:
+                        self._pass_lead()
+        return self._run(PendingCall(method), timeout, None, args, kwargs)
+
+    def _others_call(self) -> bool:
+        """Do other threads call on side channels? Their calls are not in the pending
+        table, so a thread other than the main one that finds channels contends too:
+        it asks for one of its own on its next call."""
+        if len(self.lanes):
+            self.lanes.local.contended = True
+            return True
+        return False
+
+    def _call_alone(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """A call by a thread alone on the pipe, holding the read lock: one thread's hot path.
+
+        Nobody else reads the pipe, so the reply can only come to this thread: the
+        call is not registered, and most often one read brings exactly its plain
+        return value (``quick_result``). Anything else registers it and goes on as
+        ``_run`` does. Unregistered, a call that ends early needs no undoing: its
+        late reply is dropped.
+        """
+        if self.generation != GENERATION[0]:
+            check_owner(self.generation, "client")
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        protocol = self.protocol
+        call_id, frame = protocol.start_call(method, args, kwargs)
+        self.lone = call_id  # in flight (``in_flight``) until it ends or is registered
+        pipe = self.pipe
+        ready = pipe.ready
+        left: float | None = None
+        failed: BaseException | None = None
+        try:
+            self._send(frame, deadline)
+            while not ready and self.broken is None:
+                if deadline is not None:
+                    left = remaining(deadline)
+                    if left == 0.0:  # ``_registered`` ends it as ``_run`` does
+                        break
+                pipe.read(left)
+            if len(ready) == 1:
+                value = protocol.quick_result(ready[0], call_id)
+                if value is not NOT_QUICK:
+                    ready.popleft()
+                    return value
+        except WriteTimeout:
+            raise CallTimeoutError(
+                f"{method}() timed out after {timeout} s waiting to send"
+            ) from None
+        except _IO_ERRORS as exc:
+            failed = exc
+        finally:
+            self.lone = 0
+        return self._registered(PendingCall(method), call_id, None, deadline, timeout, failed)
+
+    def _call_on(
+        self,
+        channel: SideChannel,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        """A call on this thread's side channel: the hot path of threads.
+
+        The channel is this thread's alone, so its reply can only come here: as
+        ``_call_alone``, the call is registered only if that reply is not a plain
+        return value. With no deadline the thread sleeps on the channel's doorbell.
+        A call that ends early drops the channel (nobody would read its late reply).
+        """
+        if self.generation != GENERATION[0]:
+            check_owner(self.generation, "client")
+        if self.broken is not None:
+            raise fresh_error(self.broken)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        protocol = self.protocol
+        transport = channel.transport
+        ready = transport.ready
+        failed: BaseException | None = None
+        call_id, frame = protocol.start_call(method, args, kwargs)
+        channel.call = call_id  # in flight (``in_flight``) until it ends or is registered
+        try:
+            transport.write(frame, deadline)
+            if not ready:
+                if deadline is None and channel.doorbell >= 0:
+                    # The server rings just before it writes the reply, which has most
+                    # often come by the time this thread runs: read before any poll
+                    # (each system call is a turn at the GIL for every calling thread).
+                    os.eventfd_read(channel.doorbell)
+                    transport.read_available()
+                else:
+                    transport.read(remaining(deadline), False)
+            if len(ready) == 1:
+                value = protocol.quick_result(ready[0], call_id)
+                if value is not NOT_QUICK:
+                    ready.popleft()
+                    return value
+        except WriteTimeout:
+            self.lanes.drop(channel)
+            raise CallTimeoutError(
+                f"{method}() timed out after {timeout} s waiting to send"
+            ) from None
+        except _IO_ERRORS as exc:
+            failed = exc
+        except BaseException:
+            self.lanes.drop(channel)
+            raise
+        finally:
+            channel.call = 0
+        return self._registered(PendingCall(method), call_id, channel, deadline, timeout, failed)
+
+    def _registered(
+        self,
+        pending: PendingCall,
+        call_id: int,
+        channel: SideChannel | None,
+        deadline: float | None,
+        timeout: float | None,
+        failed: BaseException | None,
+    ) -> Any:
+        """Register a call that was read in place after all, and wait for it as ``_run``
+        does: its reply is not a plain return value, it has not come yet, or reading
+        raised ``failed``."""
+        self.protocol.register(call_id, pending)
+        transport = self.pipe if channel is None else channel.transport
+        try:
+            if failed is not None:
+                self._io_failed(failed, transport)
+            if channel is None:
+                self._wait_pipe(pending, deadline)
+            else:
+                self._wait_channel(channel, pending, deadline, rang=True)
+        except BaseException:
+            self._end_early(call_id, channel)
+            raise
+        return self._outcome(pending, call_id, channel, timeout)
+
     def _run(
         self,
         pending: PendingCall,
@@ -453,6 +624,12 @@ class Connection:
             if call_id:
                 self._end_early(call_id, channel)
             raise
+        return self._outcome(pending, call_id, channel, timeout)
+
+    def _outcome(
+        self, pending: PendingCall, call_id: int, channel: SideChannel | None, timeout: float | None
+    ) -> Any:
+        """A waited-for call's value, or raise its error (or why it ended without one)."""
         if not pending.done:  # the deadline passed, or the connection broke
             self._end_early(call_id, channel)
             if not pending.settled():  # it may have been settled as it was abandoned
@@ -474,9 +651,10 @@ class Connection:
     def _send(self, frame: list[Buffer], deadline: float | None, fds: Sequence[int] = ()) -> None:
         """Write a registered call's frame on the pipe (under the write lock)."""
         lock = self._write_lock
-        wait = -1.0 if deadline is None else cast(float, remaining(deadline))
         try:
-            if not lock.acquire(True, wait):
+            if deadline is None:
+                lock.acquire()
+            elif not lock.acquire(True, cast(float, remaining(deadline))):
                 raise WriteTimeout("waiting to send")
             if self.broken is not None:  # checked under the lock: close() closes under it
                 return
@@ -570,7 +748,7 @@ class Connection:
                     return
 
     def _wait_channel(
-        self, channel: SideChannel, pending: PendingCall, deadline: float | None
+        self, channel: SideChannel, pending: PendingCall, deadline: float | None, rang: bool = False
     ) -> None:
         """Read this thread's side channel until ``pending`` is settled or its deadline passed.
 
@@ -580,7 +758,7 @@ class Connection:
         transport = channel.transport
         ready = transport.ready
         receive = self.protocol.receive
-        rang = channel.doorbell < 0 or deadline is not None
+        rang = rang or channel.doorbell < 0 or deadline is not None
         left: float | None = None
         # ``_hand_out`` written out: this is every call's path in a thread with a
         # channel, and the threads take turns at the GIL for each frame of it.
@@ -796,6 +974,13 @@ class Connection:
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
         self._conn.close()
+
+    @property
+    def in_flight(self) -> int:
+        """How many calls wait for their reply: the registered ones, and those read in
+        place by a lone caller on the pipe or by a thread on its side channel."""
+        quick = sum(1 for channel in self.lanes if channel.call)
+        return len(self.protocol.pending) + quick + (self.lone != 0)
 
     @property
     def late_replies(self) -> int:

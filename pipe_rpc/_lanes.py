@@ -34,13 +34,14 @@ class SideChannel:
 
     It holds bare descriptors, not a socket object: it may be collected with its
     client in a reference cycle, in any order, and must close quietly.
-    ``doorbell``: its eventfd, or -1. ``lock`` keeps ``wake()`` (another thread)
-    and ``close()`` apart, so that a wake never touches a reused descriptor. It is
-    reentrant: a garbage collection that starts inside ``wake()`` may run a finalizer
-    that breaks the same client, which wakes this channel again.
+    ``doorbell``: its eventfd, or -1. ``call``: see ``Connection._call_on``.
+    ``lock`` keeps ``wake()`` (another thread) and ``close()`` apart, so that a wake
+    never touches a reused descriptor. It is reentrant: a garbage collection that
+    starts inside ``wake()`` may run a finalizer that breaks the same client, which
+    wakes this channel again.
     """
 
-    __slots__ = ("__weakref__", "doorbell", "fd", "lock", "transport")
+    __slots__ = ("__weakref__", "call", "doorbell", "fd", "lock", "transport")
 
     def __init__(
         self, sock: socket.socket, doorbell: int, sentinel: int | None, max_frame: int | None
@@ -48,6 +49,7 @@ class SideChannel:
         self.lock = threading.RLock()
         self.fd = sock.detach()
         self.doorbell = doorbell
+        self.call = 0  # the id of the call its thread reads in place (0: none)
         self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame)
         register_holder(self)
 

@@ -101,6 +101,9 @@ class Slot(Protocol):
 
 S = TypeVar("S", bound=Slot)
 
+#: ``quick_result``: the body is not the plain return value of the call asked about.
+NOT_QUICK: Any = object()
+
 
 class ClientProtocol(Generic[S]):
     """The client end: numbers calls, matches replies to their slots, drops late ones.
@@ -142,15 +145,45 @@ class ClientProtocol(Generic[S]):
         Raises:
             SerializationError: an argument would not pickle; nothing was registered.
         """
+        call_id, frame = self.start_call(method, args, kwargs)
+        self._pending[call_id] = slot  # no call from here to the caller's store of the id
+        return call_id, frame
+
+    def start_call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, list[Buffer]]:
+        """A call's id and frame, not registered: for a caller that reads its own reply
+        (``quick_result``) and registers (``register``) only if it is not the common kind.
+        Unregistered, the call is as good as abandoned: its reply is dropped as late.
+
+        Raises:
+            SerializationError: an argument would not pickle.
+        """
         with self._lock:  # ``_next_id``, written out: this is every call's path
             self._last_id = call_id = self._last_id + 1
-        # No call between the store and the ``try``: an interrupt cannot land there.
+        return call_id, self.codec.encode_call(call_id, method, args, kwargs)
+
+    def register(self, call_id: int, slot: S) -> None:
+        """Make ``start_call``'s call pending: ``receive`` gives its outcome to ``slot``."""
         self._pending[call_id] = slot
-        try:
-            return call_id, self.codec.encode_call(call_id, method, args, kwargs)
-        except BaseException:
-            self.abandon(call_id)
-            raise
+
+    def quick_result(self, body: Body, call_id: int) -> Any:
+        """The value in ``body`` if it is call ``call_id``'s plain return, else ``NOT_QUICK``.
+
+        Anything else (a raise, a failure, a value that will not unpickle, another
+        call's reply) must then go to ``receive``, the call registered first.
+
+        Raises:
+            ProtocolError: an untrusted peer sent something not allowed.
+        """
+        if len(body) > BODY_HEAD_SIZE and self.peer is not None:
+            tag, got_id = BODY_HEAD.unpack_from(body)
+            if tag == RETURN and got_id == call_id:
+                try:
+                    return self.codec.loads(call_id, memoryview(body)[BODY_HEAD_SIZE:], "result")
+                except UndecodablePayload:
+                    pass
+        return NOT_QUICK
 
     def request(
         self, make: Callable[[int], OpenChannel | Channel | Get | Describe], slot: S

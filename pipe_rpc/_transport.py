@@ -42,6 +42,7 @@ from typing import Protocol
 from ._wire import Body, Buffer, FrameReader
 
 _READ_SIZE = 1 << 16
+_READ_ARGS = (_READ_SIZE,)  # ``map``'s argument, made once
 #: Segments in one ``writev`` (the system's bound is 1024; more gains nothing).
 _IOV_MAX = 64
 _IN = select.POLLIN | select.POLLPRI
@@ -229,6 +230,8 @@ class Transport:
         max_frame: int | None = None,
     ) -> None:
         self.fd = conn.fileno()
+        self._fd_arg = (self.fd,)  # ``map``'s argument, made once
+        self._readable = [(self.fd, select.POLLIN)]  # what ``poll`` says of a readable pipe
         self.fds: list[int] | None = None
         self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
         self.reader = FrameReader(max_frame)
@@ -274,7 +277,7 @@ class Transport:
         elif len(segments) == 1:  # the hot path: a joined frame, most often written whole
             data = segments[0]
             try:
-                counts.extend(map(os.write, (self.fd,), (data,)))
+                counts.extend(map(os.write, self._fd_arg, (data,)))
             except BlockingIOError:
                 pass
             except (BrokenPipeError, ConnectionResetError) as exc:
@@ -306,7 +309,7 @@ class Transport:
                 self._out = None
                 return
             try:
-                counts.extend(map(os.writev, (self.fd,), (views,)))
+                counts.extend(map(os.writev, self._fd_arg, (views,)))
                 continue
             except BlockingIOError:
                 pass
@@ -406,11 +409,11 @@ class Transport:
         spin = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         end = clock() + spin
         poll = self._poll.poll
-        ready = [(self.fd, select.POLLIN)]
+        readable = self._readable
         while True:
             events = poll(0)
             if events:
-                if events != ready:  # the sentinel too: read() sorts it out
+                if events != readable:  # the sentinel too: read() sorts it out
                     return False
                 before = len(self.ready)
                 self.read_available()
@@ -429,7 +432,7 @@ class Transport:
         """
         reader = self.reader
         chunks = reader.chunks
-        fd = self.fd
+        fd_arg = self._fd_arg
         if chunks:
             reader.cut()  # what an interrupted reader read and did not cut
         while True:
@@ -440,10 +443,10 @@ class Transport:
             try:
                 if target is not None:  # a big frame: read it in place
                     counts = reader.target_counts()
-                    counts.extend(map(os.readv, (fd,), ([target],)))
+                    counts.extend(map(os.readv, fd_arg, ([target],)))
                     got = counts[-1]
                 else:
-                    chunks.extend(map(os.read, (fd,), (_READ_SIZE,)))
+                    chunks.extend(map(os.read, fd_arg, _READ_ARGS))
                     got = len(chunks[-1])  # type: ignore[arg-type]  # bytes just read
             except BlockingIOError:
                 return
@@ -454,9 +457,11 @@ class Transport:
                     raise PeerGone(str(exc)) from exc
                 raise
             reader.cut()
+            if 0 < got < _READ_SIZE and not chunks:  # the common case: whole frames, all cut
+                return
             if not got:
                 raise PeerGone("end of file")
-            if got < _READ_SIZE and (not chunks or reader.read_target() is None):
+            if got < _READ_SIZE and reader.read_target() is None:
                 return
 
     def take(self) -> list[Body]:

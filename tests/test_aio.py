@@ -294,7 +294,7 @@ def test_a_submitted_call_completes_while_another_thread_waits_on_the_pipe() -> 
     with pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2) as calc:
         busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, 0))
         busy.start()
-        wait_until(lambda: client_of(pipe_rpc_server(calc))._core.protocol.pending_count > 0, "it")
+        wait_until(lambda: client_of(pipe_rpc_server(calc))._core.in_flight > 0, "it")
         assert pipe_rpc.submit(calc.add, 1, 2).result(SETTLE) == 3
         busy.join(SETTLE)
 

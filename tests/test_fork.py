@@ -118,7 +118,7 @@ def test_servers_still_open_at_exit_are_stopped_together() -> None:
                     target=server.proxy.sleep_then_return, args=(60, 0), daemon=True
                 ).start()
             for server in servers:
-                while server._handle.child.client._core.protocol.pending_count == 0:
+                while server._handle.child.client._core.in_flight == 0:
                     time.sleep(0.01)
             print(time.monotonic(), flush=True)
         """

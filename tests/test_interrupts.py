@@ -102,6 +102,7 @@ def _assert_consistent(core: Connection) -> None:
         assert lock.acquire(False), "a lock stayed held"
         lock.release()
     assert core.protocol.pending_count == 0
+    assert core.in_flight == 0
     assert core.broken is None
 
 
@@ -326,7 +327,7 @@ def test_an_interrupt_while_a_big_request_is_half_written_leaves_the_pipe_framed
         core = client_of(server)._core
         busy = threading.Thread(target=calc.sleep_then_return, args=(1.0, "busy"))
         busy.start()
-        wait_until(lambda: core.protocol.pending_count > 0, "the busy call")
+        wait_until(lambda: core.in_flight > 0, "the busy call")
         previous = signal.signal(signal.SIGALRM, _raise_interrupt)
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.2)

@@ -495,7 +495,7 @@ def test_a_request_cut_short_by_its_timeout_drops_only_its_side_channel(
 
 def in_call(client: Client[Any]) -> bool:
     """Is a call in progress?"""
-    return bool(client._core.protocol.pending_count)
+    return bool(client._core.in_flight)
 
 
 def meet_another_call(calc: CalcService, client: Client[Any]) -> None:
