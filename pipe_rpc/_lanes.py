@@ -50,7 +50,8 @@ class SideChannel:
         self.fd = sock.detach()
         self.doorbell = doorbell
         self.call = 0  # the id of the call its thread reads in place (0: none)
-        self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame)
+        # The main thread never has one: no signal handler runs in its owner thread.
+        self.transport = Transport(self, sentinel=sentinel, max_frame=max_frame, guarded=False)
         register_holder(self)
 
     def fileno(self) -> int:

@@ -209,6 +209,8 @@ def _check_public(name: object) -> None:
 #: in ``isinstance`` builds a union object on every call.)
 _CALLS = (Call, Get)
 _CONTROLS = (Credit, Cancel)
+#: Results whose pickling runs no code of their own, and that are never sent out of band.
+_PLAIN = frozenset({int, float, bool, type(None), str})
 
 #: What ``_static_attribute`` returns for a name it did not find.
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
@@ -350,7 +352,7 @@ class _Channel:
         doorbell: int | None = None,
     ) -> None:
         self.conn = conn  # a side channel's socket is closed when it is dropped
-        self.transport = Transport(conn)
+        self.transport = Transport(conn, guarded=False)  # an interrupt ends the loop anyway
         self.protocol = protocol
         self.doorbell = doorbell
         self.lock = threading.Lock()  # pool threads write replies under it
@@ -401,6 +403,7 @@ class _Loop:
         self.awaited = 0
         self.pool = None
         self.max_concurrency = max_concurrency
+        self.plain = codec.by_reference is None  # a plain result is encoded as it is
         #: Runs the coroutines of ``async def`` methods, from the first such call on.
         self.coroutines: CoroutineRunner | None = None
         #: The open streams of generator methods, advanced between other work.
@@ -537,6 +540,8 @@ class _Loop:
         """Run ``call`` and return its reply, or ``None`` if it goes on as a coroutine
         (an ``async def`` method), whose reply the coroutine runner sends."""
         ok, value = self.dispatcher.run(call)
+        if ok and type(value) in _PLAIN and self.plain:  # its pickling runs no code of its own
+            return channel.protocol.codec.encode_return(call.call_id, value)
         if ok and type(value) in (GeneratorType, AsyncGeneratorType):
             assert type(call) is Call
             if type(value) is AsyncGeneratorType:

@@ -18,11 +18,14 @@ spinner would hold the CPU the peer needs) or when the ``PIPE_RPC_SPIN_US``
 environment variable is ``0``.
 
 Interrupts. An exception raised by a signal handler may land as soon as any C
-call returns, in whichever thread runs the handler. So that it can never cut
-a frame or lose bytes, every count and every byte that crosses the kernel
-boundary is recorded inside the same C call that moves it
-(``list.extend(map(os.read, ...))``), and a write records the frame it is
-writing before its first byte goes. A frame whose writer was interrupted is
+call returns, in the main thread, where handlers run. So that it can never cut
+a frame or lose bytes, on a *guarded* transport (one the main thread may use)
+every count and every byte that crosses the kernel boundary is recorded inside
+the same C call that moves it (``list.extend(map(os.read, ...))``, which costs
+about a microsecond a call more than a plain ``os.read``). A transport only
+other threads use (a side channel), or whose loop an interrupt ends anyway (a
+server's), is not guarded. Every write records the frame it is writing before
+its first byte goes. A frame whose writer was interrupted is
 finished by the next write on the transport (or dropped, if none of it went),
 so the stream stays framed. The descriptor's mode is fixed: non-blocking.
 """
@@ -216,6 +219,8 @@ class Transport:
         conn: one end of a duplex ``multiprocessing.Pipe``, or a side channel's socket.
         sentinel: a descriptor that becomes readable when the peer process ends.
         max_frame: refuse frames longer than this (``ProtocolError``).
+        guarded: False only for a transport the main thread never uses, or whose
+            loop an interrupt ends anyway (see "Interrupts" above).
 
     Frames read wait in ``ready`` for their owner. While ``fds`` is a list,
     reads keep the descriptors passed with the bytes (``SCM_RIGHTS``) and append
@@ -228,8 +233,10 @@ class Transport:
         *,
         sentinel: int | None = None,
         max_frame: int | None = None,
+        guarded: bool = True,
     ) -> None:
         self.fd = conn.fileno()
+        self.guarded = guarded
         self._fd_arg = (self.fd,)  # ``map``'s argument, made once
         self._readable = [(self.fd, select.POLLIN)]  # what ``poll`` says of a readable pipe
         self.fds: list[int] | None = None
@@ -277,7 +284,10 @@ class Transport:
         elif len(segments) == 1:  # the hot path: a joined frame, most often written whole
             data = segments[0]
             try:
-                counts.extend(map(os.write, self._fd_arg, (data,)))
+                if self.guarded:
+                    counts.extend(map(os.write, self._fd_arg, (data,)))
+                else:
+                    counts.append(os.write(self.fd, data))
             except BlockingIOError:
                 pass
             except (BrokenPipeError, ConnectionResetError) as exc:
@@ -445,9 +455,13 @@ class Transport:
                     counts = reader.target_counts()
                     counts.extend(map(os.readv, fd_arg, ([target],)))
                     got = counts[-1]
-                else:
+                elif self.guarded:
                     chunks.extend(map(os.read, fd_arg, _READ_ARGS))
                     got = len(chunks[-1])  # type: ignore[arg-type]  # bytes just read
+                else:
+                    data = os.read(self.fd, _READ_SIZE)
+                    chunks.append(data)
+                    got = len(data)
             except BlockingIOError:
                 return
             except (ConnectionResetError, BrokenPipeError) as exc:
@@ -505,9 +519,12 @@ class Transport:
 
     def read_blocking(self) -> list[Body]:
         """Wait with no deadline until at least one whole frame has come; take them."""
-        while not self.ready:
+        ready = self.ready
+        while not ready:
             self.read(None)
-        return self.take()
+        frames = list(ready)  # ``take``, written out: this is every request's path
+        ready.clear()
+        return frames
 
 
 class _Cursor:
