@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection  # noqa: E402
 
 import pipe_rpc  # noqa: E402
 from pipe_rpc._codec import Codec  # noqa: E402
-from pipe_rpc._connection import PendingCall  # noqa: E402
+from pipe_rpc._pending import PendingCall  # noqa: E402
 from pipe_rpc._protocol import ClientProtocol, ServerProtocol  # noqa: E402
 from pipe_rpc._server import _Loop  # noqa: E402
 

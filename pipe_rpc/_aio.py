@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from ._connection import Connection, PendingCall
+from ._connection import Connection
 from ._errors import CallTimeoutError
 from ._options import OnTimeout, RestartPolicy, StartMethod
+from ._pending import PendingCall
 from ._process import Server, spawn
 from ._proxy import _Method
 

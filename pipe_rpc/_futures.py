@@ -19,8 +19,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ._connection import Connection, PendingCall
+from ._connection import Connection
 from ._errors import CallTimeoutError
+from ._pending import PendingCall
 from ._stats import ERROR, OK, TIMEOUT, MethodCounts
 from ._transport import WriteTimeout
 

@@ -19,9 +19,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from ._connection import Connection, PendingCall
+from ._connection import Connection
 from ._errors import CallTimeoutError, ProtocolError
 from ._messages import Cancel, Credit
+from ._pending import PendingCall
 from ._streams import WINDOW_ITEMS
 
 T = TypeVar("T")

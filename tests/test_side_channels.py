@@ -33,8 +33,8 @@ import pytest
 
 import pipe_rpc
 from pipe_rpc._client import Client
-from pipe_rpc._connection import PendingCall
 from pipe_rpc._messages import Channel, OpenChannel
+from pipe_rpc._pending import PendingCall
 from pipe_rpc._protocol import MAX_CHANNELS
 from tests.calc_service import CalcService, CustomError
 from tests.services import StartMethod
