@@ -65,7 +65,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._codec import CALL, RETURN, Codec, UndecodablePayload, hello
+from ._codec import CALL, RETURN, Codec, hello
+from ._decoding import UndecodablePayload
 from ._errors import MethodNotFoundError, ProtocolError, SerializationError
 from ._messages import (
     Call,

@@ -153,8 +153,8 @@ class ServiceActor:
         public method that is not a plain one (a ``Kind``'s value)."""
         kinds: dict[str, int] = {}
         if self._startup is None:
+            from ._dispatch import Dispatcher
             from ._messages import Kind
-            from ._server import Dispatcher
 
             for name, kind in Dispatcher(self._service).kinds().items():
                 if kind in (Kind.ASYNC, Kind.GENERATOR, Kind.ASYNC_GENERATOR):

@@ -26,13 +26,9 @@ import ray
 from ._errors import CallTimeoutError, ClientClosedError
 from ._messages import Kind
 from ._proxy import DEFAULT, Proxy, _Method, check_timeout
-from ._ray_server import (
-    Actor,
-    OnTimeout,
-    RayServer,
-    check_options,
-    finish_close,
-)
+from ._ray_calls import OnTimeout
+from ._ray_handle import Actor, finish_close
+from ._ray_server import RayServer, check_options
 from ._stats import ERROR, OK, TIMEOUT, snapshot
 from ._stats_types import Stats
 

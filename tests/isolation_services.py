@@ -279,7 +279,7 @@ class Hostile:
 
     def _reply_pickled(self, value: object) -> None:
         """Answer this call with ``value`` pickled as a trusted child pickles a result."""
-        from pipe_rpc._codec import dumps
+        from pipe_rpc._pickling import dumps
 
         self.send_reply(int(Tag.RETURN), dumps(value, what="result"))
 

@@ -4,7 +4,7 @@ The tests run it as a file, and through standard input (``python - METHOD ...``)
 It prints the remote traceback of a failing call, then ``OK <method>``.
 
 ``spawn`` starts the child with ``pipe_rpc.spawn``. ``by-hand`` starts it as
-``spawn()`` does (``_child_main``, the factory by value), with the start wrapped
+``spawn()`` does (``child_main``, the factory by value), with the start wrapped
 in ``main_for_children``: the step that lets a script read from standard input
 start ``spawn`` and ``forkserver`` children.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import cloudpickle
 
 import pipe_rpc
-from pipe_rpc._process import _child_main
+from pipe_rpc._child import child_main
 from pipe_rpc._scripts import main_for_children
 
 
@@ -33,7 +33,7 @@ def by_hand(method: str) -> tuple[Any, pipe_rpc.Client[ScriptService]]:
     context: Any = multiprocessing.get_context(method)
     parent_end, child_end = context.Pipe()
     blob = cloudpickle.dumps(ScriptService, 5)
-    process = context.Process(target=_child_main, args=(child_end, blob, os.getpid(), None, 1))
+    process = context.Process(target=child_main, args=(child_end, blob, os.getpid(), None, 1))
     with main_for_children(method):
         process.start()
     child_end.close()

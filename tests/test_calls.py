@@ -18,8 +18,8 @@ from typing import Literal
 import pytest
 
 import pipe_rpc
+from pipe_rpc._child import child_main
 from pipe_rpc._client import Client
-from pipe_rpc._process import _child_main
 from tests.calc_service import CalcService, ExitingStrError, RefusesToPickleError
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -473,7 +473,7 @@ def test_a_startup_failure_is_read_even_if_the_child_ended_before_the_client_spo
     ctx = multiprocessing.get_context("fork")
     ours, theirs = ctx.Pipe()
     blob = pickle.dumps(_failing_factory)
-    child = ctx.Process(target=_child_main, args=(theirs, blob, os.getpid(), None, 1))
+    child = ctx.Process(target=child_main, args=(theirs, blob, os.getpid(), None, 1))
     child.start()
     theirs.close()
     child.join(10)

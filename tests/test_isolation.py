@@ -25,7 +25,8 @@ import attrs
 import pytest
 
 import pipe_rpc
-from pipe_rpc._process import KILL_GRACE, StartMethod
+from pipe_rpc._child_handle import KILL_GRACE
+from pipe_rpc._process import StartMethod
 from tests.isolation_services import Victim, resident_bytes
 
 METHODS: list[StartMethod] = ["fork", "forkserver", "spawn"]

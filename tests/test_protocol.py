@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 from pipe_rpc import MethodNotFoundError, ProtocolError, SerializationError
-from pipe_rpc._codec import OOB_BYTES, Codec, _format_exception_only, dumps, format_traceback
+from pipe_rpc._codec import OOB_BYTES, Codec
+from pipe_rpc._dispatch import Dispatcher
 from pipe_rpc._messages import Call, Channel, Fail, Hello, OpenChannel, Raise, Shutdown, Tag
+from pipe_rpc._pickling import dumps
 from pipe_rpc._protocol import ClientProtocol, ServerProtocol
-from pipe_rpc._server import Dispatcher
+from pipe_rpc._remote_errors import _format_exception_only, format_traceback
 from pipe_rpc._wire import BIG_FRAME, SPARE_MAX, Body, Buffer, FrameReader, FrameTooLargeError
 
 

@@ -273,7 +273,9 @@ def test_a_ray_server_overrides_every_public_member_of_server() -> None:
         for name in dir(pipe_rpc.Server)
         if not name.startswith("_") or name in ("__enter__", "__repr__")
     }
-    missing = sorted(name for name in public if name not in vars(RayServer))
+    # Its own classes: RayServer and the front-end it inherits ahead of Server.
+    own = [klass for klass in RayServer.__mro__ if not issubclass(pipe_rpc.Server, klass)]
+    missing = sorted(name for name in public if not any(name in vars(k) for k in own))
     assert not missing, f"RayServer inherits these from Server: {missing}"
 
 
