@@ -60,7 +60,7 @@ from ._messages import Kind
 from ._options import OnTimeout, StartMethod, server_options
 from ._pool_map import MapResults
 from ._pool_streams import PoolAsyncStream, PoolStream
-from ._pool_workers import Workers, _Worker, default_size
+from ._pool_workers import Lease, Workers, _Worker, default_size
 from ._process import Server
 from ._proxy import DEFAULT, Proxy, _Method
 from ._stats import snapshot
@@ -114,15 +114,16 @@ class Pool(Generic[T]):
         seconds = self._timeout if timeout is DEFAULT else timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         workers = self._workers
-        worker, waited = workers.take(deadline, limit)
-        try:
+        lease = Lease()
+        try:  # taken inside the try: an interrupt anywhere after gives it back (see ``Lease``)
+            worker, waited = workers.take(lease, deadline, limit)
             if waited and deadline is not None:  # the wait for a child counts against the call
                 timeout = max(deadline - time.monotonic(), 1e-6)
             result = worker.server.invoke(method, args, kwargs, timeout)
+            workers.give_back(lease)
         except BaseException as exc:
-            workers.give_back(worker, exc)
+            workers.give_back(lease, exc)
             raise
-        workers.give_back(worker)
         return result
 
     def _deadline(self, timeout: float | None) -> float | None:
@@ -136,47 +137,65 @@ class Pool(Generic[T]):
     ) -> Any:
         """``invoke`` awaited on the running event loop (``acall``'s way in)."""
         workers = self._workers
-        worker = workers.take_now() or await self._take_off_loop(timeout)
+        lease = Lease()
         try:
+            worker = workers.take_now(lease) or await self._take_off_loop(lease, timeout)
             result = await worker.server.ainvoke(method, args, kwargs, timeout)
+            workers.give_back(lease)
         except BaseException as exc:  # a cancellation too
-            workers.give_back(worker, exc)
+            workers.give_back(lease, exc)
             raise
-        workers.give_back(worker)
         return result
 
-    async def _take_off_loop(self, timeout: float | None) -> _Worker:
-        """No child ready: wait for one in a thread, not on the event loop."""
+    async def _take_off_loop(self, lease: Lease, timeout: float | None) -> _Worker:
+        """No child ready: wait for one in a thread, not on the event loop. If the task
+        is cancelled meanwhile, the thread takes on: it gives back what it takes."""
         import asyncio
 
-        worker, _ = await asyncio.to_thread(self._workers.take, self._deadline(timeout))
-        return worker
+        workers, deadline = self._workers, self._deadline(timeout)
+        gone: list[bool] = []
+
+        def take() -> _Worker:
+            worker, _ = workers.take(lease, deadline)
+            if gone:  # read after the take: else the task's ``except`` finds it in the lease
+                workers.give_back(lease)
+            return worker
+
+        try:
+            return await asyncio.to_thread(take)
+        except BaseException:
+            gone.append(True)  # before the caller's ``except`` gives the lease back
+            raise
 
     def submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Future[Any]:
         """``invoke`` whose outcome completes a future (``submit``'s way in); the child
         counts the call until the future is done."""
-        worker, _ = self._workers.take(self._deadline(timeout))
-        return self._submit_to(worker, method, args, kwargs, timeout)
+        workers = self._workers
+        lease = Lease()
+        try:
+            worker, _ = workers.take(lease, self._deadline(timeout))
+            return self._submit_to(worker, lease, method, args, kwargs, timeout)
+        except BaseException as exc:
+            workers.give_back(lease, exc)
+            raise
 
     def _submit_to(
         self,
         worker: _Worker,
+        lease: Lease,
         method: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
     ) -> Future[Any]:
-        """Submit on ``worker``, taken for this call; it is given back as the future
-        completes (or at once, if the call could not be sent)."""
-        workers = self._workers
-        try:
-            future = worker.server.submit(method, args, kwargs, timeout)
-        except BaseException as exc:
-            workers.give_back(worker, exc)
-            raise
-        future.add_done_callback(functools.partial(workers.future_done, worker))
+        """Submit on ``worker``, taken into ``lease``, which is given back as the future
+        completes. If this raises, the caller's ``except`` gives it back: at once if the
+        call could not be sent, or if an interrupt lands before the callback is added
+        (or after: the lease is given back once, whichever comes first)."""
+        future = worker.server.submit(method, args, kwargs, timeout)
+        future.add_done_callback(functools.partial(self._workers.future_done, lease))
         return future
 
     def stream(
@@ -185,26 +204,28 @@ class Pool(Generic[T]):
         """Call a generator method on one child: its items, as they come. The child counts
         the call until the iterator ends, is closed or is dropped."""
         workers = self._workers
-        worker, _ = workers.take(self._deadline(timeout))
+        lease = Lease()
         try:
+            worker, _ = workers.take(lease, self._deadline(timeout))
             items = worker.server.stream(method, args, kwargs, timeout)
+            return PoolStream(items, functools.partial(workers.give_back, lease))
         except BaseException as exc:
-            workers.give_back(worker, exc)
+            workers.give_back(lease, exc)
             raise
-        return PoolStream(items, functools.partial(workers.give_back, worker))
 
     def astream(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> AsyncIterator[Any]:
         """Call a generator or async generator method: an async iterator of its items."""
         workers = self._workers
-        worker, _ = workers.take(self._deadline(timeout))
+        lease = Lease()
         try:
+            worker, _ = workers.take(lease, self._deadline(timeout))
             items = worker.server.astream(method, args, kwargs, timeout)
+            return PoolAsyncStream(items, functools.partial(workers.give_back, lease))
         except BaseException as exc:
-            workers.give_back(worker, exc)
+            workers.give_back(lease, exc)
             raise
-        return PoolAsyncStream(items, functools.partial(workers.give_back, worker))
 
     def kind(self, name: str) -> Kind:
         """What ``name`` is in the service (every child serves the same one)."""
@@ -213,13 +234,14 @@ class Pool(Generic[T]):
     def get(self, name: str, timeout: float | None) -> Any:
         """Read the service's public property or data attribute ``name`` on one child."""
         workers = self._workers
-        worker, _ = workers.take(self._deadline(timeout))
+        lease = Lease()
         try:
+            worker, _ = workers.take(lease, self._deadline(timeout))
             value = worker.server.get(name, timeout)
+            workers.give_back(lease)
         except BaseException as exc:
-            workers.give_back(worker, exc)
+            workers.give_back(lease, exc)
             raise
-        workers.give_back(worker)
         return value
 
     def map(
@@ -257,14 +279,15 @@ class Pool(Generic[T]):
         workers.notice_deaths()
         results: list[R] = []
         for worker in workers.ready_in_order():
-            if not workers.claim(worker):
-                continue
+            lease = Lease()
             try:
+                if not workers.claim(worker, lease):
+                    continue
                 results.append(worker.server.invoke(name, args, kwargs, timeout))
+                workers.give_back(lease)
             except BaseException as exc:
-                workers.give_back(worker, exc)
+                workers.give_back(lease, exc)
                 raise
-            workers.give_back(worker)
         return results
 
     def _method_name(self, method: object, what: str) -> tuple[str, Any]:
@@ -294,7 +317,7 @@ class Pool(Generic[T]):
         per method calls, errors, timeouts, calls in flight and recent latency; the
         children started, restarted (replaced), and dead by reason."""
         workers = self._workers
-        with workers._cond:
+        with workers._lock:
             live = [slot.worker.server for slot in workers.slots if slot.worker is not None]
         stats = snapshot([workers.retired, *(server._counters for server in live)])
         # Each child is a server of its own, started once: the children beyond the

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._errors import ClientClosedError
+from ._pool_workers import Lease
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -101,18 +102,23 @@ class MapResults(Iterator[R]):
                 item = self._draw()
                 if item is _NONE:
                     return
-            worker = workers.take_now(self._places)
-            timeout = self._timeout
-            if worker is None:
-                if flight:
-                    self._held = item
-                    return
-                deadline = self._pool._deadline(timeout)
-                worker, waited = workers.take(deadline, self._places)
-                if waited and deadline is not None:  # the wait counts against the call
-                    timeout = max(deadline - time.monotonic(), 1e-6)
-            self._held = _NONE
-            flight.append(self._submit(worker, item, timeout))
+            lease = Lease()
+            try:  # taken inside the try: an interrupt anywhere after gives it back
+                worker = workers.take_now(lease, self._places)
+                timeout = self._timeout
+                if worker is None:
+                    if flight:
+                        self._held = item
+                        return
+                    deadline = self._pool._deadline(timeout)
+                    worker, waited = workers.take(lease, deadline, self._places)
+                    if waited and deadline is not None:  # the wait counts against the call
+                        timeout = max(deadline - time.monotonic(), 1e-6)
+                self._held = _NONE
+                flight.append(self._submit(worker, lease, item, timeout))
+            except BaseException as exc:
+                workers.give_back(lease, exc)
+                raise
 
     def _draw(self) -> Any:
         """The next item, or ``_NONE`` once the source has ended (or failed: its error is
@@ -129,10 +135,11 @@ class MapResults(Iterator[R]):
         self._source = None
         return _NONE
 
-    def _submit(self, worker: _Worker, item: Any, timeout: Any) -> Future[Any]:
+    def _submit(self, worker: _Worker, lease: Lease, item: Any, timeout: Any) -> Future[Any]:
         try:
-            future = self._pool._submit_to(worker, self._name, (item,), {}, timeout)
+            future = self._pool._submit_to(worker, lease, self._name, (item,), {}, timeout)
         except Exception as exc:  # the item's outcome: it never went
+            self._workers.give_back(lease, exc)
             future = Future()
             future.set_exception(exc)
             return future

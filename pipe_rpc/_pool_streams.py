@@ -11,16 +11,18 @@ from typing import Any
 
 
 class _Counted:
-    """Calls ``done(error)`` once, when the stream ends (``None``: it ended cleanly)."""
+    """Calls ``done(error)`` when the stream ends (``None``: it ended cleanly).
+
+    ``done`` gives the child back once however often it is called, so it is called at
+    every end: one an interrupt cut short is made good by the next (a close, or the drop).
+    """
 
     def __init__(self, items: Any, done: Callable[[BaseException | None], None]) -> None:
         self._items = items
-        self._done: Callable[[BaseException | None], None] | None = done
+        self._done = done
 
     def _finish(self, error: BaseException | None) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(error)
+        self._done(error)
 
     def close(self) -> None:
         """Stop the stream (the child's generator is closed) and give the child back."""

@@ -1,7 +1,7 @@
 """The children of a pool: dispatch, chores, replacement and close (see ``_pool``).
 
-Everything here is guarded by one lock, ``Workers._cond``, that is never held
-while a process is started, greeted or closed.
+Everything here is guarded by one lock, ``Workers._lock`` (waited on through
+``Workers._cond``), that is never held while a process is started, greeted or closed.
 """
 
 from __future__ import annotations
@@ -111,6 +111,24 @@ class _Slot:
         self.due = 0.0  # when to launch, while it has no worker
 
 
+class Lease:
+    """One call's hold on a worker: what to give back, and only once.
+
+    A caller makes one before its ``try`` and takes into it inside: ``take`` records
+    the worker with no Python call between its count going up and the record, and
+    ``give_back`` clears it with none between the record and the count going down,
+    both under the lock. So an exception a signal handler raises, wherever it lands,
+    leaves the worker either not taken or recorded here for the ``except`` to give
+    back; and giving back a lease already given back does nothing, so a done callback
+    and an ``except`` may both try.
+    """
+
+    __slots__ = ("worker",)
+
+    def __init__(self) -> None:
+        self.worker: _Worker | None = None
+
+
 class Workers:
     """The pool's children: dispatch, chores, replacement, close (see ``_pool``)."""
 
@@ -126,7 +144,11 @@ class Workers:
         self.start_timeout = start_timeout
         self._max_calls = max_calls
         self._max_memory = max_memory
-        self._cond = threading.Condition(threading.Lock())
+        # Entered as the bare lock (``with self._lock``), whose ``__enter__`` is C: a
+        # ``Condition``'s is Python, and an interrupt landing in it after the acquire
+        # would leave the lock held for ever.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.slots = [_Slot(index) for index in range(size)]
         #: The counts of the children the pool has closed, for ``Pool.stats()``.
         self.retired = Counters()
@@ -175,7 +197,7 @@ class Workers:
             self._start_failed(slot, failure)
             return
         worker = _Worker(server, slot, self.start_timeout)
-        with self._cond:
+        with self._lock:
             if not self.closed:
                 slot.worker = worker
                 self._starting.append(worker)
@@ -191,10 +213,10 @@ class Workers:
             self._start_failed(worker.slot, exc, worker)
             return
         except BaseException:
-            with self._cond:
+            with self._lock:
                 worker.greeting = False
             raise
-        with self._cond:
+        with self._lock:
             if self.closed:  # close() has it, and closes it
                 return
             self._starting.remove(worker)
@@ -207,7 +229,7 @@ class Workers:
     def _start_failed(
         self, slot: _Slot, error: StartupError, worker: _Worker | None = None
     ) -> None:
-        with self._cond:
+        with self._lock:
             if self.closed:
                 return
             if worker is not None:
@@ -239,7 +261,7 @@ class Workers:
         if not (self._waiting or self._starting or self._drained):
             return False
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             if self.closed:
                 return False
             launch = [slot for slot in self._waiting if slot.due <= now]
@@ -257,7 +279,7 @@ class Workers:
         if looked and starters[0].server._answered(look):
             answered = starters[:1]
         for worker in answered:
-            with self._cond:
+            with self._lock:
                 if worker.greeting or worker not in self._starting:
                     continue
                 worker.greeting = True
@@ -270,8 +292,10 @@ class Workers:
 
     # -- dispatch -----------------------------------------------------------------
 
-    def take(self, deadline: float | None, limit: int | None = None) -> tuple[_Worker, bool]:
-        """A worker for one call, and whether the call had to wait for it.
+    def take(
+        self, lease: Lease, deadline: float | None, limit: int | None = None
+    ) -> tuple[_Worker, bool]:
+        """A worker for one call, recorded in ``lease``, and whether the call had to wait.
 
         ``limit``: only a worker with fewer calls in flight (``map``), waiting for one.
 
@@ -283,22 +307,22 @@ class Workers:
         failures = self.failures
         waited = False
         while True:
-            with self._cond:
-                worker = self._pick(limit)
+            with self._lock:
+                worker = self._pick(lease, limit)
             if worker is not None:
                 if not worker.server._ended():
                     return worker, waited
-                self.give_back(worker, dead=True)  # it died idle: this call never went to it
+                self.give_back(lease, dead=True)  # it died idle: this call never went to it
                 continue
             waited = True
             self._wait(deadline, limit, failures)
 
-    def take_now(self, limit: int | None = None) -> _Worker | None:
+    def take_now(self, lease: Lease, limit: int | None = None) -> _Worker | None:
         """``take`` without waiting: ``None`` if no worker is ready (or alive) now."""
-        with self._cond:
-            worker = self._pick(limit)
+        with self._lock:
+            worker = self._pick(lease, limit)
         if worker is not None and worker.server._ended():
-            self.give_back(worker, dead=True)
+            self.give_back(lease, dead=True)
             return None
         return worker
 
@@ -306,15 +330,16 @@ class Workers:
         """A ready worker to ask about the service (nothing is counted), waiting for one."""
         failures = self.failures
         while True:
-            with self._cond:
+            with self._lock:
                 if self.closed:
                     raise ClientClosedError("the pool was closed")
                 if self._ready:
                     return self._ready[0]
             self._wait(deadline, None, failures)
 
-    def _pick(self, limit: int | None) -> _Worker | None:
-        """The ready worker with the fewest calls in flight, now counted as given one more."""
+    def _pick(self, lease: Lease, limit: int | None) -> _Worker | None:
+        """The ready worker with the fewest calls in flight, now counted as given one more
+        and recorded in ``lease``."""
         if self.closed:
             raise ClientClosedError("the pool was closed")
         ready = self._ready
@@ -332,6 +357,7 @@ class Workers:
         if limit is not None and best.in_flight >= limit:
             return None
         best.in_flight += 1
+        lease.worker = best  # no call between: an interrupt finds it counted and recorded
         best.given += 1
         if self._max_calls is not None and best.given >= self._max_calls:
             self._retire(best)  # its last call: it takes no other
@@ -343,14 +369,14 @@ class Workers:
         if left is not None and left <= 0:
             raise CallTimeoutError("no child of the pool was free before the call's timeout")
         look = _LOOK_AGAIN if left is None else min(left, _LOOK_AGAIN)
-        with self._cond:
+        with self._lock:
             if self.failures != failures and not self._ready and not self._starting:
                 assert self.last_failure is not None
                 error = fresh_error(self.last_failure)
                 raise error
             hello_to_wait_for = bool(self._starting) and (limit is None or not self._ready)
         looked = self.chores(look if hello_to_wait_for else 0.0)
-        with self._cond:
+        with self._lock:
             if self._pick_possible(limit) or self.closed:
                 return
             if not looked:
@@ -362,10 +388,14 @@ class Workers:
         return any(worker.in_flight < limit for worker in self._ready)
 
     def give_back(
-        self, worker: _Worker, error: BaseException | None = None, dead: bool = False
+        self, lease: Lease, error: BaseException | None = None, dead: bool = False
     ) -> None:
-        """A call on ``worker`` ended (``error``: how it failed): count it, retire the
-        worker if it is gone or over its memory, then do the chores."""
+        """The call holding ``lease`` ended (``error``: how it failed): count it, retire
+        its worker if it is gone or over its memory, then do the chores. Nothing if the
+        lease holds no worker (never taken, or given back already)."""
+        worker = lease.worker
+        if worker is None:
+            return
         if error is not None and not dead:
             # A timeout, or a cancelled task or future, may have killed it (on_timeout="kill").
             dead = isinstance(error, ConnectionLostError | ProtocolError) or (
@@ -376,8 +406,11 @@ class Workers:
         if self._max_memory is not None and not dead and worker.state is _READY:
             rss = resident_bytes(worker.pid)
             too_big = rss is not None and rss > self._max_memory
-        with self._cond:
-            worker.in_flight -= 1
+        with self._lock:
+            if lease.worker is not worker:  # another thread gave it back meanwhile
+                return
+            lease.worker = None
+            worker.in_flight -= 1  # no call between: an interrupt finds both done or neither
             if dead or too_big:
                 self._retire(worker)
             elif not worker.in_flight and worker in self._retiring:
@@ -386,12 +419,24 @@ class Workers:
             self._cond.notify_all()
         self.chores()
 
-    def future_done(self, worker: _Worker, future: Future[Any]) -> None:
-        """``give_back`` for a submitted call, as its future completes (a done callback)."""
-        if future.cancelled():
-            self.give_back(worker, CallTimeoutError("the call was cancelled"))
-        else:
-            self.give_back(worker, future.exception())
+    def future_done(self, lease: Lease, future: Future[Any]) -> None:
+        """``give_back`` for a submitted call, as its future completes (a done callback).
+
+        It runs in whichever thread completes the future, maybe one a signal lands in:
+        an interrupt anywhere in here still gives the lease back (a second try does
+        nothing if the first got through)."""
+        error: BaseException | None = None
+        try:
+            if future.cancelled():
+                error = CallTimeoutError("the call was cancelled")
+            else:
+                error = future.exception()
+        finally:
+            try:
+                self.give_back(lease, error)
+            except BaseException:
+                self.give_back(lease, error)
+                raise
 
     def _retire(self, worker: _Worker) -> None:
         """Under the lock: ``worker`` takes no more calls, and its slot starts another."""
@@ -409,14 +454,16 @@ class Workers:
             slot.due = 0.0
             self._waiting.append(slot)
 
-    def claim(self, worker: _Worker) -> bool:
-        """Count one call on this very worker (``broadcast``), if it is still ready."""
-        with self._cond:
+    def claim(self, worker: _Worker, lease: Lease) -> bool:
+        """Count one call on this very worker (``broadcast``), if it is still ready, and
+        record it in ``lease`` (as ``take`` does)."""
+        with self._lock:
             if self.closed:
                 raise ClientClosedError("the pool was closed")
             if worker.state is not _READY:
                 return False
             worker.in_flight += 1
+            lease.worker = worker  # no call between (see ``Lease``)
             worker.given += 1
             if self._max_calls is not None and worker.given >= self._max_calls:
                 self._retire(worker)
@@ -425,16 +472,16 @@ class Workers:
     def notice_deaths(self) -> None:
         """Retire every ready worker whose child has ended (one poll each), then do the
         chores: a child that died idle is seen only when a call would go to it, else."""
-        with self._cond:
+        with self._lock:
             ready = list(self._ready)
         for worker in ready:
             if worker.server._ended():
-                with self._cond:
+                with self._lock:
                     self._retire(worker)
         self.chores()
 
     def ready_in_order(self) -> list[_Worker]:
-        with self._cond:
+        with self._lock:
             return [
                 slot.worker
                 for slot in self.slots
@@ -442,14 +489,14 @@ class Workers:
             ]
 
     def pids(self) -> list[int]:
-        with self._cond:
+        with self._lock:
             return [slot.worker.pid for slot in self.slots if slot.worker is not None]
 
     # -- closing --------------------------------------------------------------------
 
     def close(self, timeout: float) -> None:
         """Stop taking calls, then close every child at once (each close is bounded)."""
-        with self._cond:
+        with self._lock:
             self.closed = True
             workers = [slot.worker for slot in self.slots if slot.worker is not None]
             workers += [*self._retiring, *self._drained]
