@@ -58,9 +58,10 @@ from ._errors import ClientClosedError
 from ._liveness import check_owner, fork_generation
 from ._messages import Kind
 from ._options import OnTimeout, StartMethod, server_options
+from ._pool_children import Lease, _Worker
 from ._pool_map import MapResults
 from ._pool_streams import PoolAsyncStream, PoolStream
-from ._pool_workers import Lease, Workers, _Worker, default_size
+from ._pool_workers import Workers, default_size
 from ._process import Server
 from ._proxy import DEFAULT, Proxy, _Method
 from ._stats import snapshot

@@ -20,11 +20,12 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._errors import ClientClosedError
-from ._pool_workers import Lease
+from ._pool_children import Lease
 
 if TYPE_CHECKING:
     from ._pool import Pool
-    from ._pool_workers import Workers, _Worker
+    from ._pool_children import _Worker
+    from ._pool_workers import Workers
 
 R = TypeVar("R")
 
