@@ -64,8 +64,9 @@ CALL, RETURN = int(Tag.CALL), int(Tag.RETURN)
 #: A ``bytes`` argument or result this long is written out of band, not copied into the pickle.
 OOB_BYTES = 1 << 16
 
-#: Argument types whose pickle holds neither a global nor an out-of-band buffer.
-_ATOMIC = frozenset({int, float, bool, type(None), str, bytes})
+#: Types whose pickling runs no code of their own and holds no global (a long ``bytes``
+#: still goes out of band: ``OOB_BYTES``).
+ATOMIC = frozenset({int, float, bool, type(None), str, bytes})
 
 
 def _fast_frame(
@@ -184,7 +185,7 @@ class Codec(Decoder):
                 args = tuple(map(wrap, args))
                 plain = False
                 break
-            if kind not in _ATOMIC:
+            if kind not in ATOMIC:
                 plain = False
         if plain:  # no buffer to send out of band, no global to look for in __main__
             return in_band_frame(CALL, call_id, pickle.dumps((method, args, kwargs), 5))
@@ -208,7 +209,7 @@ class Codec(Decoder):
         if type(value) is bytes and len(value) >= OOB_BYTES:
             wrapped = pickle.PickleBuffer(value)
             return _fast_frame(RETURN, call_id, wrapped, what, method, (wrapped,))
-        if type(value) in _ATOMIC:  # no global, no buffer: nothing to look for in the pickle
+        if type(value) in ATOMIC:  # no global, no buffer: nothing to look for in the pickle
             return in_band_frame(RETURN, call_id, pickle.dumps(value, 5))
         return _fast_frame(RETURN, call_id, value, what, method)
 

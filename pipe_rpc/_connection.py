@@ -125,7 +125,6 @@ class Connection(Calling):
         self._conn = conn
         self._process = process
         self._sentinel = None if process is None else getattr(process, "sentinel", None)
-        self._max_frame = max_frame
         self.generation = fork_generation()
         self.protocol: ClientProtocol[PendingCall] = ClientProtocol(codec)
         self.pipe = Transport(conn, sentinel=self._sentinel, max_frame=max_frame)
@@ -138,7 +137,6 @@ class Connection(Calling):
         self.lone = 0  # the id of the call a lone caller reads in place (``_call_alone``)
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
-        self._state_lock = threading.Lock()  # the channel count and the monitor's start
         self._waiters = Waiters()
         self.lanes = SideChannels(self._request, is_unix_stream(conn), self._sentinel, max_frame)
         enlarge_buffers(conn)
@@ -360,10 +358,6 @@ class Connection(Calling):
             self._end_early(call_id, channel)
             raise
         return self._outcome(pending, call_id, channel, timeout)
-
-    # -- side channels ------------------------------------------------------------
-
-    # -- start, failure and close ---------------------------------------------------
 
     @property
     def in_flight(self) -> int:

@@ -25,6 +25,7 @@ import traceback
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
+from ._codec import ATOMIC
 from ._coroutines import CoroutineRunner
 from ._errors import SerializationError
 from ._messages import Call, Fail, FailKind, Get
@@ -93,10 +94,6 @@ def forget(error: object) -> None:
             pending.extend(exc.exceptions)
 
 
-#: Results whose pickling runs no code of their own, and that are never sent out of band.
-_PLAIN = frozenset({int, float, bool, type(None), str})
-
-
 def thread_pool(max_concurrency: int) -> ThreadPoolExecutor | None:
     """The threads that run calls, with ``max_concurrency > 1`` (``None``: the loop's own)."""
     if max_concurrency <= 1:
@@ -124,7 +121,7 @@ class RunStrategies:
         """Run ``call`` and return its reply, or ``None`` if it goes on as a coroutine
         (an ``async def`` method), whose reply the coroutine runner sends."""
         ok, value = self.dispatcher.run(call)
-        if ok and type(value) in _PLAIN and self.plain:  # its pickling runs no code of its own
+        if ok and type(value) in ATOMIC and self.plain:  # its pickling runs no code of its own
             return channel.protocol.codec.encode_return(call.call_id, value)
         if ok and type(value) in (GeneratorType, AsyncGeneratorType):
             assert type(call) is Call
