@@ -122,8 +122,9 @@ def _assert_consistent(core: Connection) -> None:
 
 
 def _sweep(core: Connection, call: Callable[[], Any], check: Callable[[int], None]) -> int:
-    """Interrupt ``call`` at each of its landing points in turn; after each, ``check(n)``
-    must get its own reply. Returns how many points were swept."""
+    """Interrupt ``call`` at each of its landing points in turn; after each, nothing of
+    it is left (no lock held, no call in flight) and ``check(n)`` must get its own
+    reply. Returns how many points were swept."""
     call()  # first-time work (looking the method up) is not part of every call
     points = _landings(call)
     assert points > 20  # the sweep reaches into the call
@@ -132,6 +133,7 @@ def _sweep(core: Connection, call: Callable[[], Any], check: Callable[[int], Non
         # A call's path varies a little (a spin that finds the reply or not), so the
         # last few points may not be reached on every run.
         fired += _interrupt_at(at, call)[0]
+        _assert_consistent(core)  # at once: an ended call leaves nothing for a later one
         check(at)
         _assert_consistent(core)
     assert fired > points * 0.9
@@ -151,6 +153,34 @@ def test_an_interrupt_at_any_landing_point_of_a_lone_call_ends_that_call_alone(
             assert bounded.echo(("after", n)) == ("after", n)
 
         _sweep(core, lambda: calc.add(2, 3), check)
+
+
+def _raises(call: Callable[[], Any]) -> None:
+    with pytest.raises(ValueError, match="no"):
+        call()
+
+
+@pytest.mark.parametrize("reply", ["a raise", "after the spin"])
+def test_an_interrupt_at_any_landing_point_of_a_lone_call_off_the_quick_path_ends_it_alone(
+    reply: str,
+) -> None:
+    """A lone call is read in place, unregistered. A reply that is not a plain return
+    value registers it and is handed out as every call's is; a reply that comes after
+    the spin is waited for asleep in ``poll``. Every landing point of either path, the
+    registering included, ends the call alone."""
+    with pipe_rpc.spawn(CalcService, start_method="fork") as calc:
+        core = client_of(pipe_rpc_server(calc))._core
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+
+        def check(n: int) -> None:
+            assert bounded.add(n, 1) == n + 1
+            assert bounded.echo(("after", n)) == ("after", n)
+
+        if reply == "a raise":
+            call: Callable[[], Any] = functools.partial(_raises, lambda: calc.fail("no"))
+        else:  # well past the spin window
+            call = functools.partial(calc.sleep_then_return, 0.005, "late")
+        _sweep(core, call, check)
 
 
 def test_an_interrupt_at_any_landing_point_of_a_big_call_ends_that_call_alone() -> None:
