@@ -18,7 +18,7 @@ import pickle
 import reprlib
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback
 from ._messages import (
@@ -195,25 +195,35 @@ class Decoder:
 
     def _decode_exception(self, call_id: int, payload: memoryview) -> BaseException:
         parts = self._loads(call_id, payload, None, "exception")
-        try:
-            type_name, message, tb, form, blob = parts
-            type_name, message, tb = str(type_name), str(message), str(tb)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed exception payload: {reprlib.repr(parts)}") from exc
-        error: BaseException
-        try:
-            allowed = self._allowed_errors if self.untrusted else None
-            error = rebuild_exception(form, blob, allowed)
-        except (Exception, SystemExit):
+        return exception_from(parts, self._allowed_errors if self.untrusted else None)
+
+
+def exception_from(
+    parts: object, allowed: Mapping[tuple[str, str], object] | None
+) -> BaseException:
+    """The exception an exception payload's unpickled ``parts`` describe (see
+    ``_remote_errors.exception_payload``), with the remote traceback as its cause;
+    ``allowed``: the peer is untrusted, and only these globals may be built.
+
+    Raises:
+        ProtocolError: ``parts`` is not an exception payload.
+    """
+    try:
+        raw_type, raw_message, raw_tb, form, blob = cast("tuple[object, ...]", parts)
+        type_name, message, tb = str(raw_type), str(raw_message), str(raw_tb)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed exception payload: {reprlib.repr(parts)}") from exc
+    error: BaseException
+    try:
+        error = rebuild_exception(form, blob, allowed)
+    except (Exception, SystemExit):
+        error = RemoteError(f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb)
+    else:
+        # SystemExit, KeyboardInterrupt and every other non-Exception (a group holding
+        # one included) would slip past the caller's ``except Exception``: never re-raise.
+        if not isinstance(error, Exception):
             error = RemoteError(
                 f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
             )
-        else:
-            # SystemExit, KeyboardInterrupt and every other non-Exception (a group holding
-            # one included) would slip past the caller's ``except Exception``: never re-raise.
-            if not isinstance(error, Exception):
-                error = RemoteError(
-                    f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
-                )
-        error.__cause__ = RemoteTraceback(tb)
-        return error
+    error.__cause__ = RemoteTraceback(tb)
+    return error

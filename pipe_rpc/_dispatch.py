@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._chunks import MAP, run_chunk
 from ._errors import MethodNotFoundError
 from ._messages import Call, Fail, FailKind, Get, Kind
 
@@ -23,7 +24,7 @@ class Dispatcher:
 
     def __init__(self, service: object) -> None:
         self.service = service
-        self._methods: dict[str, Callable[..., Any]] = {}
+        self._methods: dict[str, Callable[..., Any]] = {MAP: self._run_chunk}
         self._kinds: dict[str, Kind] = {}
 
     def lookup(self, name: str) -> Callable[..., Any]:
@@ -52,6 +53,10 @@ class Dispatcher:
             raise MethodNotFoundError(f"{kind}.{name} is not callable: read it as proxy.{name}")
         self._methods[name] = method
         return method
+
+    def _run_chunk(self, name: str, items: list[Any]) -> bytes:
+        """A chunk of ``Pool.map``: ``name`` run on each item (see ``_chunks``)."""
+        return run_chunk(self.lookup(name), items, name)
 
     def kind(self, name: str) -> Kind:
         """What the public name ``name`` is, found without running a getter."""

@@ -36,12 +36,12 @@ that doubles from 0.1 s up to 10 s, and each failure is logged (WARNING on
 ``"pipe_rpc"``); while no child runs, a caller waiting for one gets the
 ``StartupError`` of a start that failed while it waited.
 
-``map`` has no thread of its own: each item is a submitted call, sent only to
-a worker with a free place (fewer than ``max_concurrency`` calls in flight), so
-no call waits behind another in a child, and a crash fails only the items that
-were running in it. The consumer's thread draws items from the iterable, at most
-a bounded window ahead of the results it has handed out, and reads the replies
-(see ``_pool_map``).
+``map`` has no thread of its own: items go as submitted calls, sent only to a
+worker with a free place (fewer than ``max_concurrency`` calls in flight), one
+item per call until items are seen to be quick, then in chunks of about a
+millisecond of the child's work (``_chunks``). The consumer's thread draws items
+from the iterable, a bounded window ahead of the results it has handed out, and
+reads the replies (see ``_pool_map``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 from ._errors import ClientClosedError
 from ._liveness import check_owner, fork_generation
@@ -85,10 +85,15 @@ class Pool(Generic[T]):
     every child.
     """
 
-    def __init__(self, workers: Workers, timeout: float | None, max_concurrency: int) -> None:
+    def __init__(
+        self, workers: Workers, timeout: float | None, max_concurrency: int, chunks: bool = True
+    ) -> None:
         self._workers = workers
         self._timeout = timeout
         self._places = max_concurrency
+        #: ``map`` may send quick items in chunks (not to untrusted children, whose
+        #: replies are decoded one by one, nor when children are recycled by calls).
+        self._chunks = chunks
         self._generation = fork_generation()
         self._close_lock = threading.Lock()
         self.proxy: T = cast(T, Proxy(self, DEFAULT))
@@ -190,12 +195,16 @@ class Pool(Generic[T]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
+        first: Callable[[Future[Any]], object] | None = None,
     ) -> Future[Any]:
         """Submit on ``worker``, taken into ``lease``, which is given back as the future
-        completes. If this raises, the caller's ``except`` gives it back: at once if the
-        call could not be sent, or if an interrupt lands before the callback is added
-        (or after: the lease is given back once, whichever comes first)."""
+        completes (after ``first`` is called with it: the worker may then be closed).
+        If this raises, the caller's ``except`` gives it back: at once if the call
+        could not be sent, or if an interrupt lands before the callback is added (or
+        after: the lease is given back once, whichever comes first)."""
         future = worker.server.submit(method, args, kwargs, timeout)
+        if first is not None:
+            future.add_done_callback(first)
         future.add_done_callback(functools.partial(self._workers.future_done, lease))
         return future
 
@@ -246,22 +255,40 @@ class Pool(Generic[T]):
         return value
 
     def map(
-        self, method: Callable[[A], R], iterable: Iterable[A], *, ordered: bool = True
+        self,
+        method: Callable[[A], R],
+        iterable: Iterable[A],
+        *,
+        ordered: bool = True,
+        chunksize: int | Literal["auto"] = 1,
     ) -> Iterator[R]:
         """Call a one-argument ``method`` of ``proxy`` on each item, on all children at once.
 
         ``pool.map(pool.proxy.parse, paths)`` yields each result, in the order of
         ``iterable`` (``ordered=False``: as they come). Items are drawn lazily, a
-        bounded window ahead; each child has at most ``max_concurrency`` of them
-        in flight. A failed item raises its exception from the ``next()`` that
+        bounded window ahead; each child has at most ``max_concurrency`` calls of
+        them in flight. A failed item raises its exception from the ``next()`` that
         would have returned its result, and the iterator goes on with the next
         items. Closing the iterator (``close()``, or dropping it) stops sending items.
 
+        Each item is a call of its own, so that a crash fails only the item that
+        caused it. For many quick items, ``chunksize=N`` sends N items per call,
+        and ``chunksize="auto"`` sizes each call to about a millisecond of the
+        child's work; a crash then fails every item of its child's chunks that
+        had no result yet. Items go one per call anyway when the method has a
+        timeout (each item has its own), to untrusted children, and with
+        ``max_calls_per_child``.
+
         Raises:
             TypeError: ``method`` is not a method of this pool's proxy.
+            ValueError: ``chunksize`` is not an int >= 1 or ``"auto"``.
         """
         name, timeout = self._method_name(method, "map")
-        return MapResults(self, name, timeout, iter(iterable), ordered)
+        if chunksize != "auto" and (
+            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+        ):
+            raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
+        return MapResults(self, name, timeout, iter(iterable), ordered, chunksize)
 
     def broadcast(self, method: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         """Call ``method`` (a method of ``proxy``) on every running child, one after the
@@ -319,8 +346,10 @@ class Pool(Generic[T]):
         children started, restarted (replaced), and dead by reason."""
         workers = self._workers
         with workers._lock:
-            live = [slot.worker.server for slot in workers.slots if slot.worker is not None]
-        stats = snapshot([workers.retired, *(server._counters for server in live)])
+            live = [slot.worker for slot in workers.slots if slot.worker is not None]
+            # Retired but not yet closed: their counts are not in ``retired`` yet.
+            live += [*workers._retiring, *workers._drained]
+        stats = snapshot([workers.retired, *(worker.server._counters for worker in live)])
         # Each child is a server of its own, started once: the children beyond the
         # first ``size`` replaced others.
         import attrs
@@ -428,4 +457,5 @@ def pool(
             raise ValueError(f"{option} must be None or an int >= 1, got {value!r}")
     make = functools.partial(Server, factory, options, wait=False)
     workers = Workers(make, size, options.start_timeout, max_calls_per_child, max_memory_per_child)
-    return Pool[T](workers, options.timeout, max_concurrency)
+    chunks = not untrusted and max_calls_per_child is None
+    return Pool[T](workers, options.timeout, max_concurrency, chunks)

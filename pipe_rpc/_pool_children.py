@@ -240,9 +240,9 @@ class Children:
                 self._waiting.remove(slot)
             drained, self._drained = self._drained, []
             starters = [worker for worker in self._starting if not worker.greeting]
-        for worker in drained:
-            worker.server.close(1.0)
+        for worker in drained:  # counted first: while it closes, stats() no longer sees it
             self.retired.absorb(worker.server._counters)
+            worker.server.close(1.0)
         for slot in launch:
             self._launch(slot)
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]

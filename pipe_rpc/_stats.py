@@ -28,6 +28,10 @@ _Raw = tuple[int, int, int, int, list[int]]
 OK, ERROR, TIMEOUT = 0, 1, 2
 
 
+#: Guards ``MethodCounts.add`` (a chunk's counts, once per chunk).
+_ADDING = threading.Lock()
+
+
 class MethodCounts:
     """One method's counts. Each is an ``itertools.count`` whose ``next()`` is one C
     call, so a call is counted without a lock; the latencies go to a ring whose
@@ -51,6 +55,14 @@ class MethodCounts:
         elif outcome == TIMEOUT:
             next(self.timeouts)
         next(self.ended)
+
+    def add(self, calls: int, errors: int, latency: int) -> None:
+        """Count ``calls`` ended calls at once (a map's chunk), ``errors`` of them failed,
+        each of which took ``latency`` nanoseconds."""
+        with _ADDING:
+            self.base[0] += calls
+            self.base[1] += errors
+        self.latencies.extend(itertools.repeat(latency, min(calls, RECENT)))
 
     def raw(self) -> _Raw:
         started, ended = _value(self.started), _value(self.ended)
@@ -129,7 +141,9 @@ class Counters:
         with self._lock:
             methods = dict(self._methods)
             starts, restarts, deaths = self.starts, self.restarts, dict(self.deaths)
-        return {name: m.raw() for name, m in methods.items()}, starts, restarts, deaths
+        # A name with a dot is the machinery's own (a map's chunk, counted as its items).
+        counted = {name: m.raw() for name, m in methods.items() if "." not in name}
+        return counted, starts, restarts, deaths
 
 
 def snapshot(parts: list[Counters]) -> Stats:

@@ -14,6 +14,7 @@ land. The storms then send real ``SIGINT``s.
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import os
 import random
@@ -90,6 +91,9 @@ def _interrupt_at(
     Returns (the interrupt fired, the call raised ``KeyboardInterrupt``).
     """
     hook = landing(at)
+    # No collection meanwhile: a finalizer of an earlier test's object run by it would
+    # take the landing points (and the interrupt), which are the call's to take.
+    gc.disable()
     sys.setprofile(hook)
     try:
         call()
@@ -97,17 +101,20 @@ def _interrupt_at(
         return hook.fired, True
     finally:
         sys.setprofile(None)
+        gc.enable()
     return hook.fired, False
 
 
 def _landings(call: Callable[[], Any], landing: type[_Landing] = _Landing) -> int:
     """How many landing points one run of ``call`` passes."""
     hook = landing(at=-1)
+    gc.disable()
     sys.setprofile(hook)
     try:
         call()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return hook.seen
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import pytest
 
 import pipe_rpc
+from pipe_rpc._pool_map import _MAX_CHUNK
 from tests.calc_service import CalcService
 from tests.pool_services import Failing, Flaky, Rendezvous, Stuck, Worker
 
@@ -201,6 +202,18 @@ def test_a_crash_fails_only_its_call_and_the_child_is_replaced(
     assert set(pool.broadcast(pool.proxy.pid)) == set(after)
 
 
+def _map_outcomes(results: Iterator[int], count: int) -> list[int | str]:
+    outcomes: list[int | str] = []
+    for _ in range(count):
+        try:
+            outcomes.append(next(results))
+        except pipe_rpc.WorkerDiedError as exc:
+            outcomes.append(f"died: {exc.exitcode}")
+    with pytest.raises(StopIteration):
+        next(results)
+    return outcomes
+
+
 @pytest.mark.parametrize("method", THREADED)
 def test_a_segfault_mid_map_fails_only_that_item(
     method: StartMethod, pools: list[pipe_rpc.Pool[Worker]]
@@ -209,18 +222,37 @@ def test_a_segfault_mid_map_fails_only_that_item(
     pools.append(pool)
     before = set(pool.pids)
     items = [*range(20), -1, *range(20, 40), -2, *range(40, 60)]
-    results = pool.map(pool.proxy.parse, items)
-    outcomes: list[int | str] = []
-    for _ in items:
-        try:
-            outcomes.append(next(results))
-        except pipe_rpc.WorkerDiedError as exc:
-            outcomes.append(f"died: {exc.exitcode}")
-    with pytest.raises(StopIteration):
-        next(results)
+    outcomes = _map_outcomes(pool.map(pool.proxy.parse, items), len(items))
     assert outcomes == [2 * x if x >= 0 else f"died: {-signal.SIGSEGV}" for x in items]
     wait_for(lambda: all_ready(pool), "the replacements to answer")
     assert before - set(pool.pids)  # (the second crash may take the first one's replacement)
+
+
+@pytest.mark.parametrize("method", THREADED)
+def test_a_segfault_mid_map_of_quick_items_fails_only_items_of_that_childs_chunks(
+    method: StartMethod, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    """With ``chunksize="auto"`` quick items go in chunks: a crash fails the items its
+    child had not answered, and no other; every other item has its result, in place."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method=method)
+    pools.append(pool)
+    items = [*range(10_000), -1, *range(10_000, 20_000)]
+    results = pool.map(pool.proxy.parse, items, chunksize="auto")
+    outcomes = _map_outcomes(results, len(items))
+    died = [i for i, outcome in enumerate(outcomes) if outcome == f"died: {-signal.SIGSEGV}"]
+    assert 10_000 in died  # the crash's own item
+    assert len(died) <= 2 * _MAX_CHUNK  # its chunk, and the one waiting behind it
+    for i, (x, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        assert i in died or outcome == 2 * x
+    # A chunk's items are counted as its future completes, which its failure may
+    # reach the consumer just before.
+    wait_for(lambda: pool.stats().methods["parse"].calls == len(items), "every item counted")
+    assert pool.stats().methods["parse"].errors == len(died)
+    assert ".map" not in pool.stats().methods
+    wait_for(lambda: all_ready(pool), "the replacement to answer")
+    assert list(pool.map(pool.proxy.parse, range(5000), chunksize="auto")) == [
+        2 * x for x in range(5000)
+    ]
 
 
 def test_a_child_killed_while_idle_takes_no_call(pools: list[pipe_rpc.Pool[Worker]]) -> None:
@@ -410,6 +442,75 @@ def test_map_raises_each_failure_at_its_place_and_goes_on(
         next(results)
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_map_of_quick_items_raises_each_failure_at_its_place_in_a_chunk(
+    ordered: bool, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    """An item of a chunk that raises, or whose result will not pickle, fails alone,
+    with its own exception."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    items = [x if x % 1000 != 999 else -x for x in range(20_000)]
+    for method in (pool.proxy.check, pool.proxy.lock_or_square):
+        results = pool.map(method, items, ordered=ordered, chunksize="auto")
+        outcomes: list[object] = []
+        for _ in items:
+            try:
+                outcomes.append(next(results))
+            except (ValueError, pipe_rpc.SerializationError) as exc:
+                outcomes.append(type(exc))
+        with pytest.raises(StopIteration):
+            next(results)
+        expected: list[object]
+        if method == pool.proxy.check:
+            expected = [x if x >= 0 else ValueError for x in items]
+        else:
+            expected = [x * x if x >= 0 else pipe_rpc.SerializationError for x in items]
+        if not ordered:
+            outcomes.sort(key=repr)
+            expected.sort(key=repr)
+        assert outcomes == expected
+    stats = pool.stats().methods
+    assert (stats["check"].calls, stats["check"].errors) == (len(items), 20)
+    assert stats["lock_or_square"].calls == len(items)
+
+
+def test_map_with_a_timeout_sends_each_item_alone(pools: list[pipe_rpc.Pool[Worker]]) -> None:
+    """Each item has its own timeout, so none goes in a chunk, even with ``"auto"``: a
+    crash among quick items fails only its own."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver", timeout=30.0)
+    pools.append(pool)
+    items = [*range(2000), -1, *range(2000, 4000)]
+    outcomes = _map_outcomes(pool.map(pool.proxy.parse, items, chunksize="auto"), len(items))
+    assert outcomes == [2 * x if x >= 0 else f"died: {-signal.SIGSEGV}" for x in items]
+
+
+def test_map_with_a_chunksize_fails_at_most_two_chunks_of_a_crashed_child(
+    pools: list[pipe_rpc.Pool[Worker]],
+) -> None:
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    items = [*range(2000), -1, *range(2000, 4000)]
+    outcomes = _map_outcomes(pool.map(pool.proxy.parse, items, chunksize=100), len(items))
+    died = [i for i, outcome in enumerate(outcomes) if outcome == f"died: {-signal.SIGSEGV}"]
+    assert 2000 in died
+    assert len(died) <= 200
+    assert all(
+        i in died or outcome == 2 * x
+        for i, (x, outcome) in enumerate(zip(items, outcomes, strict=True))
+    )
+
+
+@pytest.mark.parametrize("chunksize", [0, -1, 1.5, True, None, "fast"])
+def test_map_rejects_a_chunksize_that_is_not_a_positive_int(
+    chunksize: object, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    pool = pipe_rpc.pool(Worker, size=1, start_method="forkserver")
+    pools.append(pool)
+    with pytest.raises(ValueError, match="chunksize"):
+        pool.map(pool.proxy.square, range(3), chunksize=chunksize)  # type: ignore[arg-type]
+
+
 def test_map_raises_the_iterables_error_at_its_place(pools: list[pipe_rpc.Pool[Worker]]) -> None:
     pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
     pools.append(pool)
@@ -448,6 +549,20 @@ def test_map_is_lazy_and_bounded(pools: list[pipe_rpc.Pool[Worker]]) -> None:
         next(results)
     assert drawn == seen
     assert pool.proxy.square(4) == 16
+
+
+def test_map_in_chunks_draws_no_more_items_ahead_than_were_answered(
+    pools: list[pipe_rpc.Pool[Worker]],
+) -> None:
+    """Chunks grow to thousands of items, but a map of which 50 results are taken
+    draws a few hundred at most."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    drawn = itertools.count()
+    source = (x for x in itertools.count() if next(drawn) >= 0)
+    results = pool.map(pool.proxy.square, source, chunksize="auto")
+    assert list(itertools.islice(results, 50)) == [x * x for x in range(50)]
+    assert 50 <= next(drawn) <= 4 * 50
 
 
 def test_map_on_a_closed_pool_raises_once_and_ends() -> None:

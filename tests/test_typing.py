@@ -343,6 +343,14 @@ REVEALS = [
         revealed=r"typing\.Iterator\[int\]",
     ),
     Case(
+        "pool_map_in_chunks",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        reveal_type(pool.map(pool.proxy.negate, range(10), chunksize="auto"))
+        """,
+        revealed=r"typing\.Iterator\[int\]",
+    ),
+    Case(
         "pool_broadcast",
         """
         pool = pipe_rpc.pool(Calculator)
@@ -689,6 +697,15 @@ REJECTS = [
         """,
         error_code="arg-type",
         message=r'Argument 1 to "map" of "Pool"',
+    ),
+    Case(
+        "pool_map_chunksize",
+        """
+        pool = pipe_rpc.pool(Calculator)
+        pool.map(pool.proxy.negate, range(10), chunksize="fast")
+        """,
+        error_code="arg-type",
+        message=r'"chunksize" to "map" of "Pool"',
     ),
     Case(
         "pool_broadcast_arguments",
