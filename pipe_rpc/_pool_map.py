@@ -13,7 +13,7 @@ child, so with ``chunksize`` many quick items go to one call. With ``"auto"``, t
 first items go one per chunk; each chunk's answer tells how long its items took
 the child, and the next is sized to about ``_CHUNK_WORK`` of it (at most
 ``_MAX_CHUNK`` items, growing at most eightfold at a time), and no more items are
-drawn ahead than have been answered. Items slower than that keep going one by
+drawn ahead than four times those answered. Items slower than that keep going one by
 one. Without chunks (the default, or a timeout, untrusted children, recycling by
 calls, a method that is not plain) each item is an ordinary submitted call.
 """
@@ -229,14 +229,14 @@ class MapResults(Iterator[R]):
                 raise
 
     def _room(self, chunk: int) -> int:
-        """How many items the next call may take: ``chunk``, and as many items ahead of
-        those answered as have been answered (so that a map of which few results are
+        """How many items the next call may take: ``chunk``, and no more items ahead of
+        those answered than four times as many (so that a map of which few results are
         taken draws few items, however large its chunks would grow)."""
         if not chunk:
             return 1
         answered = self._answered
         ahead = self._drawn - answered
-        return max(min(chunk, max(answered, self._calls) - ahead), 0)
+        return max(min(chunk, max(4 * answered, self._calls) - ahead), 0)
 
     def _first_chunk(self, worker: _Worker) -> int:
         """Items per call: 0 (single calls) unless chunks may go, then ``chunksize``, or
