@@ -237,20 +237,48 @@ def _crash_rows(s: Settings, section: Section) -> dict[str, list[float]]:
     return {"recover": recover, "fresh": fresh}
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """The CPU time process ``pid`` has had so far (Linux: ``/proc/PID/schedstat``)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as file:
+            return int(file.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _forkserver_pid() -> int | None:
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
 def _startup_rows(s: Settings, section: Section) -> dict[str, list[float]]:
+    """Start-up of ``pool(size=N)`` against one child's; and against its CPU bound: the
+    CPU time the start took (the parent's, the fork server's and every child's until it
+    answered) over the cores, since N starts on fewer cores cannot all run at once."""
     import pipe_rpc
 
     rounds = 2 if s.quick else 10
     sizes = sorted({1, cores(), 8})
     say(f"  pool: start-up of sizes {sizes}, {rounds} rounds")
     times: dict[str, list[float]] = {}
+    bounds: dict[str, list[float]] = {}
     for _ in range(rounds + 1):  # the first round starts the forkserver: not kept
         for size in sizes:
-            t0 = time.perf_counter()
+            server = _forkserver_pid()
+            server_cpu = (_cpu_seconds(server) if server else None) or 0.0
+            cpu, t0 = time.process_time(), time.perf_counter()
             pool = pipe_rpc.pool(PoolService, size=size)
             elapsed = time.perf_counter() - t0
+            spent = [time.process_time() - cpu]
+            spent += [_cpu_seconds(pid) for pid in pool.pids]
+            if server:
+                spent.append((_cpu_seconds(server) or 0.0) - server_cpu)
             pool.close()
             times.setdefault(f"size {size}", []).append(elapsed)
+            if None not in spent:
+                total = sum(x for x in spent if x is not None)
+                bounds.setdefault(f"size {size}", []).append(total / min(size, cores()))
     one = med(times["size 1"][1:]) or 0.0
     for name, values in times.items():
         value = med(values[1:]) or 0.0
@@ -261,7 +289,17 @@ def _startup_rows(s: Settings, section: Section) -> dict[str, list[float]]:
                 f"{fmt(value * 1000, 1)} ({fmt(value / one if one else None, 2)})",
             ]
         )
-    return times
+        bound = med(bounds.get(name, [])[1:])
+        if bound:
+            ideal = max(bound, one)
+            section.rows.append(
+                [
+                    "  its CPU time / cores (or one child's start, if more)",
+                    "ms (x that)",
+                    f"{fmt(ideal * 1000, 1)} ({fmt(value / ideal, 2)})",
+                ]
+            )
+    return times | {f"cpu bound {name}": values for name, values in bounds.items()}
 
 
 def fig_pool(slots: list[Slot], s: Settings) -> Section:
