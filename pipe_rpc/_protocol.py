@@ -61,6 +61,7 @@ Frames are cut from the stream by ``_wire.FrameReader``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
@@ -121,7 +122,7 @@ class ClientProtocol(Generic[S]):
         #: The same table, for reading only: ``len(protocol.pending)`` is ``pending_count``
         #: without a call, for the connection's hot paths.
         self.pending: Mapping[int, S] = self._pending
-        self._last_id = 0
+        self._ids = itertools.count(1)  # ``next()`` on it is one C call: no lock
         self._lock = threading.Lock()
 
     def greeting(self) -> list[Buffer]:
@@ -160,8 +161,7 @@ class ClientProtocol(Generic[S]):
         Raises:
             SerializationError: an argument would not pickle.
         """
-        with self._lock:  # ``_next_id``, written out: this is every call's path
-            self._last_id = call_id = self._last_id + 1
+        call_id = next(self._ids)
         return call_id, self.codec.encode_call(call_id, method, args, kwargs)
 
     def register(self, call_id: int, slot: S) -> None:
@@ -200,9 +200,12 @@ class ClientProtocol(Generic[S]):
             raise
 
     def _next_id(self) -> int:
-        with self._lock:
-            self._last_id += 1
-            return self._last_id
+        return next(self._ids)
+
+    def _made(self, call_id: int) -> bool:
+        """Was a call with this id made (its id given out)?"""
+        given = int(repr(self._ids)[6:-1]) - 1  # "count(8)": ids up to 7 were given
+        return 0 < call_id <= given
 
     def abandon(self, call_id: int) -> bool:
         """Give up on a call; False if it had an outcome already (or was abandoned)."""
@@ -261,7 +264,7 @@ class ClientProtocol(Generic[S]):
     def _settle(self, call_id: int, ok: bool, value: Any) -> None:
         slot = self._pending.get(call_id)
         if slot is None:
-            if not 0 < call_id <= self._last_id:
+            if not self._made(call_id):
                 raise ProtocolError(f"the peer replied to call {call_id}, which was never made")
             self.late_replies += 1
             return

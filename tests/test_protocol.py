@@ -188,6 +188,18 @@ def test_a_reply_to_a_call_never_made_is_a_protocol_error() -> None:
         pair.client.receive(body)
 
 
+def test_a_late_reply_to_the_last_call_made_is_dropped_and_one_past_it_is_an_error() -> None:
+    pair = Pair()
+    pair.call("add", 1, 2, slot="a")
+    pair.call("add", 3, 4, slot="b")
+    last = max(pair.client.pending)  # ids are given in order
+    assert pair.client.abandon(last)
+    pair.client.receive(_join(Codec().encode_return(last, 7))[4:])
+    assert pair.client.late_replies == 1
+    with pytest.raises(ProtocolError, match="never made"):
+        pair.client.receive(_join(Codec().encode_return(last + 1, 7))[4:])
+
+
 def test_fail_all_settles_every_pending_call_with_its_own_error() -> None:
     pair = Pair()
     pair.call("add", 1, 1, slot="first")
