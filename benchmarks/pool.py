@@ -270,7 +270,7 @@ def _startup_rows(s: Settings, section: Section) -> dict[str, list[float]]:
             cpu, t0 = time.process_time(), time.perf_counter()
             pool = pipe_rpc.pool(PoolService, size=size)
             elapsed = time.perf_counter() - t0
-            spent = [time.process_time() - cpu]
+            spent: list[float | None] = [time.process_time() - cpu]
             spent += [_cpu_seconds(pid) for pid in pool.pids]
             if server:
                 spent.append((_cpu_seconds(server) or 0.0) - server_cpu)
