@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from ._wire import Body, Buffer, FrameReader
+from ._wire import LENGTH, Body, Buffer, FrameReader
 
 _READ_SIZE = 1 << 16
 _READ_ARGS = (_READ_SIZE,)  # ``map``'s argument, made once
@@ -55,6 +55,19 @@ _SOCKET_BUFFER = 1 << 22
 _MAX_FDS = 16
 _FDS_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+_clock = time.perf_counter_ns
+
+
+def _peer_gone(exc: OSError) -> PeerGone | None:
+    """The ``PeerGone`` a failed read means, or ``None`` if the peer is not gone."""
+    if isinstance(exc, ConnectionResetError | BrokenPipeError) or exc.errno in (
+        errno.EBADF,
+        errno.ENOTCONN,
+    ):
+        return PeerGone(str(exc))
+    return None
 
 
 def _spin_seconds() -> float:
@@ -275,26 +288,39 @@ class Transport:
         if self._out is not None:  # left by a writer that is gone
             self.drop_unstarted()
             self.flush(deadline)
-        self._sent_ns = time.perf_counter_ns()
-        counts: list[int] = []
-        self._counts = counts
+        self._sent_ns = _clock()
+        if len(segments) == 1 and not fds:  # the hot path: a joined frame, most often whole
+            data = segments[0]
+            if self.guarded:
+                counts: list[int] = []
+                self._counts = counts
+                self._out = segments  # before the first byte: an interrupt leaves it queued
+                try:
+                    counts.extend(map(os.write, self._fd_arg, (data,)))
+                    if counts[0] == len(data):  # type: ignore[arg-type]  # joined bytes
+                        self._out = None
+                        return
+                except BlockingIOError:
+                    pass
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise PeerGone(str(exc)) from exc
+            else:  # no signal handler runs here: nothing to record before the write
+                try:
+                    written = os.write(self.fd, data)
+                except BlockingIOError:
+                    written = 0
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise PeerGone(str(exc)) from exc
+                if written == len(data):  # type: ignore[arg-type]  # joined bytes
+                    return
+                self._counts = [written]
+                self._out = segments
+            self._finish(deadline)
+            return
+        self._counts = []
         self._out = segments  # before the first byte: an interrupt now leaves it queued
         if fds:
             self._send_fds(segments[0], fds, deadline)
-        elif len(segments) == 1:  # the hot path: a joined frame, most often written whole
-            data = segments[0]
-            try:
-                if self.guarded:
-                    counts.extend(map(os.write, self._fd_arg, (data,)))
-                else:
-                    counts.append(os.write(self.fd, data))
-            except BlockingIOError:
-                pass
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise PeerGone(str(exc)) from exc
-            if counts and counts[0] == len(data):  # type: ignore[arg-type]  # joined bytes
-                self._out = None
-                return
         self._finish(deadline)
 
     @property
@@ -442,6 +468,32 @@ class Transport:
         """
         reader = self.reader
         chunks = reader.chunks
+        if not chunks and self.fds is None:  # the hot path: one read, most often one frame
+            try:
+                if self.guarded:
+                    chunks.extend(map(os.read, self._fd_arg, _READ_ARGS))
+                else:
+                    chunks.append(os.read(self.fd, _READ_SIZE))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                gone = _peer_gone(exc)
+                if gone is None:
+                    raise
+                raise gone from exc
+            data: bytes = chunks[0]  # type: ignore[assignment]  # bytes just read
+            got = len(data)
+            if 4 < got < _READ_SIZE:
+                (size,) = LENGTH.unpack_from(data)
+                if size == got - 4 and (reader.max_frame is None or size <= reader.max_frame):
+                    self.ready.append(memoryview(data)[4:])
+                    # An interrupt before this clear leaves the frame to be cut again:
+                    # a repeat, which the protocol drops as a late reply.
+                    chunks.clear()
+                    return
+            if not got:
+                chunks.clear()
+                raise PeerGone("end of file")
         fd_arg = self._fd_arg
         if chunks:
             reader.cut()  # what an interrupted reader read and did not cut
@@ -464,12 +516,11 @@ class Transport:
                     got = len(data)
             except BlockingIOError:
                 return
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise PeerGone(str(exc)) from exc
             except OSError as exc:
-                if exc.errno in (errno.EBADF, errno.ENOTCONN):
-                    raise PeerGone(str(exc)) from exc
-                raise
+                gone = _peer_gone(exc)
+                if gone is None:
+                    raise
+                raise gone from exc
             reader.cut()
             if 0 < got < _READ_SIZE and not chunks:  # the common case: whole frames, all cut
                 return
