@@ -441,7 +441,7 @@ class Transport:
         the descriptor is readable; True if that read took frames or found the sentinel.
         A poll that finds nothing costs a quarter of a read that finds nothing (which
         raises), so the spinner sees a reply sooner."""
-        clock = time.perf_counter_ns
+        clock = _clock
         spin = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         end = clock() + spin
         poll = self._poll.poll
@@ -470,10 +470,11 @@ class Transport:
         chunks = reader.chunks
         if not chunks and self.fds is None:  # the hot path: one read, most often one frame
             try:
-                if self.guarded:
+                if self.guarded:  # kept in ``chunks`` until it is handed out
                     chunks.extend(map(os.read, self._fd_arg, _READ_ARGS))
+                    data: bytes = chunks[0]  # type: ignore[assignment]  # bytes just read
                 else:
-                    chunks.append(os.read(self.fd, _READ_SIZE))
+                    data = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -481,19 +482,21 @@ class Transport:
                 if gone is None:
                     raise
                 raise gone from exc
-            data: bytes = chunks[0]  # type: ignore[assignment]  # bytes just read
             got = len(data)
             if 4 < got < _READ_SIZE:
                 (size,) = LENGTH.unpack_from(data)
                 if size == got - 4 and (reader.max_frame is None or size <= reader.max_frame):
                     self.ready.append(memoryview(data)[4:])
-                    # An interrupt before this clear leaves the frame to be cut again:
-                    # a repeat, which the protocol drops as a late reply.
-                    chunks.clear()
+                    if chunks:
+                        # An interrupt before this clear leaves the frame to be cut
+                        # again: a repeat, which the protocol drops as a late reply.
+                        chunks.clear()
                     return
             if not got:
                 chunks.clear()
                 raise PeerGone("end of file")
+            if not chunks:
+                chunks.append(data)
         fd_arg = self._fd_arg
         if chunks:
             reader.cut()  # what an interrupted reader read and did not cut
