@@ -5,8 +5,9 @@ Items are drawn only when a child has a free place (fewer than ``max_concurrency
 calls in flight), so no item waits behind another call in a child, and at most a
 window of items per place is drawn ahead of the results handed out. In order, the
 consumer waits for the oldest call's reply itself (the future's ``result()`` reads
-its pipe); as they complete, it waits for the first future done, completed by
-each connection's ``submit`` thread.
+its pipe; for a chunk, half a millisecond at a time, sending the next chunks to the
+children that answered meanwhile); as they complete, it waits for the first future
+done, completed by each connection's ``submit`` thread.
 
 Chunks (``_chunks``). A call costs the parent far more than a tiny item costs the
 child, so with ``chunksize`` many quick items go to one call. With ``"auto"``, the
@@ -44,6 +45,9 @@ R = TypeVar("R")
 
 #: How long an unordered map reads the oldest call's pipe before it waits for any.
 _LOOK = 0.002
+
+#: How long an ordered map waits for the oldest chunk before it sends the next ones.
+_REFILL = 0.0005
 
 #: How far ``map`` draws ahead of the results handed out, in calls per place in the pool.
 _MAP_WINDOW = 2
@@ -161,7 +165,7 @@ class MapResults(Iterator[R]):
             if error is not None:
                 raise error
             raise StopIteration
-        sent = flight.popleft() if self._ordered else self._first_done()
+        sent = self._oldest() if self._ordered else self._first_done()
         if not sent.count:
             return sent.future.result()  # type: ignore[no-any-return]
         try:
@@ -180,6 +184,20 @@ class MapResults(Iterator[R]):
             self._ready.extend(results)
         self._send()  # its child has a free place again: keep it busy meanwhile
         return self.__next__()
+
+    def _oldest(self) -> _Sent:
+        """The oldest call, once answered. A chunk is waited for a little at a time, and
+        the children that answered meanwhile are given their next chunks: in order, the
+        oldest may not be the first to come."""
+        flight = self._flight
+        sent = flight[0]
+        if sent.count:
+            future = sent.future
+            wait = getattr(future, "wait", None)
+            while wait is not None and not future.done():
+                wait(time.monotonic() + _REFILL)
+                self._send()
+        return flight.popleft()
 
     def _first_done(self) -> _Sent:
         done, flight = self._done, self._flight
