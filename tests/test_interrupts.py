@@ -50,7 +50,7 @@ class _Landing:
         self.fired = False
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> None:
-        if _making_a_side_channel(frame):
+        if _not_the_calls(frame):
             return
         if event in _LANDING and not self.fired:
             self.seen += 1
@@ -71,15 +71,25 @@ class _PoolLanding(_Landing):
             super().__call__(frame, event, arg)
 
 
-def _making_a_side_channel(frame: FrameType | None) -> bool:
-    """Is this inside the making of a side channel? Only a thread other than the main
-    one makes one, where no signal handler runs: the bare descriptors it makes could
-    leak to an exception raised there by other means, and the sweep leaves it out."""
+def _not_the_calls(frame: FrameType | None) -> bool:
+    """Is this inside the making of a side channel, or a finalizer? Only a thread other
+    than the main one makes a side channel, where no signal handler runs: the bare
+    descriptors it makes could leak to an exception raised there by other means. An
+    object that dies as the call runs (some earlier one's, collected) has its
+    finalizer or weak reference callback run there: an interrupt in it is ignored
+    with it, no part of the call. The sweep leaves both out."""
     while frame is not None:
-        if frame.f_code.co_name in ("_open", "_new") and "_lanes" in frame.f_code.co_filename:
+        code = frame.f_code
+        if code.co_name in ("_open", "_new") and "_lanes" in code.co_filename:
+            return True
+        if code.co_name == "__del__" or code.co_filename.endswith(_WEAKREFS):
             return True
         frame = frame.f_back
     return False
+
+
+#: Where the standard library's weak reference callbacks and finalizers are.
+_WEAKREFS = ("/weakref.py", "/_weakrefset.py")
 
 
 def _interrupt_at(
