@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from ._errors import ClientClosedError
+from ._futures import Again
 from ._liveness import check_owner, fork_generation
 from ._messages import Kind
 from ._options import OnTimeout, StartMethod, server_options
@@ -196,7 +197,7 @@ class Pool(Generic[T]):
         call could not be sent, or if an interrupt lands before the callback is added
         (or after: the lease is given back once, whichever comes first)."""
         future = worker.server.submit(method, args, kwargs, timeout)
-        future.add_done_callback(functools.partial(self._workers.future_done, lease))
+        future.add_done_callback(Again(self._workers.future_done, lease))  # see ``Again``
         return future
 
     def stream(
