@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import _thread
 import functools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from ._connection import Connection
 from ._errors import CallTimeoutError
 from ._pending import PendingCall
-from ._stats import ERROR, OK, TIMEOUT, MethodCounts
+from ._stats import MethodCounts
 from ._transport import WriteTimeout
 
 #: How long a connection's ``submit`` thread waits for the next call before it ends.
@@ -30,8 +31,18 @@ _LINGER = 0.25
 #: How long it leaves a call to a ``result()`` that has been reading replies itself.
 _GRACE = 0.002
 
-#: Makes only the first ``cancel()`` of a ``CallFuture`` act (it is rare: one lock for all).
-_CANCELS = threading.Lock()
+#: A future's states (``concurrent.futures``' own strings).
+_FINISHED, _CANCELLED = "FINISHED", "CANCELLED"
+_OVER = frozenset({_FINISHED, _CANCELLED, "CANCELLED_AND_NOTIFIED"})
+_CANCELLED_STATES = frozenset({_CANCELLED, "CANCELLED_AND_NOTIFIED"})
+
+#: Where ``CallFuture._tell`` has got to: notify, count, then the hooks from ``_HOOKS`` on.
+_NOTIFY, _LATENCY, _KIND, _ENDED, _HOOKS = range(5)
+
+
+class Again(functools.partial[Any]):
+    """A done callback that is called once more if an interrupt ends it: one that does
+    nothing the second time (a pool's give-back). Any other is called once."""
 
 
 class CallFuture(Future[Any]):
@@ -40,75 +51,206 @@ class CallFuture(Future[Any]):
     ``result()`` waits for the reply in the calling thread, as a sync call does (it
     leads the reading or follows whoever does), rather than for the connection's
     thread to hand the outcome over: that hand-over costs more than the call.
+
+    A signal can land in whichever thread completes it, ``result()``'s among them.
+    ``concurrent.futures.Future`` enters its condition in Python (an interrupt between
+    the lock's acquire and the ``with`` keeps it held) and runs no callback after an
+    interrupted one; so this completes itself (``_complete``): under the bare lock,
+    then ``_tell`` runs what the completion owes, each part once, from where an
+    interrupt stopped it, before the interrupt goes on up. The state is read without
+    the lock where one read is the answer.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_cancel: list[Any] = []  # callables run when the call is cancelled
-        self.cancel_seen = False
+        self.on_cancel: list[Callable[[], object]] = []  # run when the call is cancelled
         #: ``wait(deadline)``: wait in this thread until the call is settled or ``deadline``.
         self.wait: Callable[[float | None], None] | None = None
         #: The server's counts of the call's method, and when it started; the outcome
-        #: is counted as the future completes (once: a second completion raises).
+        #: is counted as the future completes.
         self.counts: MethodCounts | None = None
         self.started = 0
+        self._told = _NOTIFY
 
     def result(self, timeout: float | None = None) -> Any:
         wait = self.wait
-        # ``_state`` read without the condition: a hint only (``done()`` would take it).
-        if wait is not None and self._state != "FINISHED":
+        if wait is not None and self._state != _FINISHED:
             end = None if timeout is None else time.monotonic() + timeout
             wait(end)
             if end is not None:
                 timeout = max(0.0, end - time.monotonic())
-        return super().result(timeout)
+        if self._state != _FINISHED:
+            if self._state in _CANCELLED_STATES:
+                raise CancelledError
+            return super().result(timeout)  # being completed by another thread, or no time
+        try:
+            if self._exception is None:
+                return self._result
+            raise self._exception
+        finally:
+            del self  # no cycle through the raised exception's frames
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        if self._state in _CANCELLED_STATES:
+            raise CancelledError
+        return super().exception(timeout)
+
+    def done(self) -> bool:
+        return self._state in _OVER
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
 
     def set_result(self, result: Any) -> None:
-        super().set_result(result)
-        if self.counts is not None:
-            self.counts.finish(self.started, OK)
+        if not self._complete(_FINISHED, result, None):
+            raise InvalidStateError(f"{self._state}: {self!r}")
 
     def set_exception(self, exception: BaseException | None) -> None:
-        super().set_exception(exception)
-        if self.counts is not None:
-            timed_out = isinstance(exception, CallTimeoutError)
-            self.counts.finish(self.started, TIMEOUT if timed_out else ERROR)
+        if not self._complete(_FINISHED, None, exception):
+            raise InvalidStateError(f"{self._state}: {self!r}")
 
     def cancel(self) -> bool:
-        if not super().cancel():  # answered already
-            return False
-        with _CANCELS:  # ``Future.cancel`` is true again once cancelled: act on the first
-            if self.cancel_seen:
-                return True
-            self.cancel_seen = True
-        if self.counts is not None:
-            self.counts.finish(self.started, TIMEOUT)
-        for callback in self.on_cancel:  # abandon the call; kill its child if that is the policy
-            callback()
+        """Settle the call as timed out, at once: abandon it (and kill its child if that
+        is the policy). False once it has its outcome."""
+        return self._complete(_CANCELLED, None, None) or self._state in _CANCELLED_STATES
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        with self._condition._lock:  # type: ignore[attr-defined]  # entered in C: see above
+            if self._state not in _OVER:
+                self._done_callbacks.append(fn)  # type: ignore[attr-defined]
+                return
+        try:
+            fn(self)
+        except Exception:
+            _LOG.exception("exception calling callback for %r", self)
+
+    def _complete(self, state: str, result: Any, exception: BaseException | None) -> bool:
+        """Move to ``state`` (``FINISHED`` with ``result`` or ``exception``, or
+        ``CANCELLED``) and tell everyone; False if the future was done already.
+
+        Whoever moves it tells: an interrupt anywhere after the move is caught here,
+        and ``_tell`` goes on from where it stopped before the interrupt is raised.
+        """
+        moved = False
+        try:
+            with self._condition._lock:  # type: ignore[attr-defined]
+                if self._state in _OVER:
+                    return False
+                self._result = result
+                self._exception = exception
+                self._state = state
+                moved = True  # no call since the check: every landing after is in the try
+            self._tell()
+        except BaseException:
+            if moved:
+                self._tell()  # from where the interrupt stopped it (nothing, if it got through)
+            raise
         return True
+
+    def _tell(self) -> None:
+        """What a completion owes, from ``_told`` on: wake the threads waiting, count the
+        outcome, run the cancel hooks and the done callbacks.
+
+        ``_told`` moves past a part before it runs when a second run would be wrong
+        (a count: one C call, which an interrupt can only follow; a callback), after it
+        when a second run is harmless (waking, a cancel hook, an ``Again``). An
+        interrupt in a callback is raised once the rest have run.
+        """
+        interrupt: BaseException | None = None
+        stuck = -1
+        while True:
+            try:
+                self._tell_from()
+                break
+            except BaseException as exc:
+                if interrupt is None:
+                    interrupt = exc
+                if self._told == stuck:  # a part that raises each time runs twice at most
+                    self._told += 1
+                stuck = self._told
+        if interrupt is not None:
+            raise interrupt
+
+    def _tell_from(self) -> None:
+        told = self._told
+        if told == _NOTIFY:
+            condition = self._condition
+            with condition._lock:  # type: ignore[attr-defined]
+                if self._state == _FINISHED:  # (a cancel tells them nothing, as ``Future``'s)
+                    for waiter in self._waiters:  # ``concurrent.futures.wait()``'s
+                        if self._exception is None:
+                            waiter.add_result(self)
+                        else:
+                            waiter.add_exception(self)
+                if condition._waiters:  # type: ignore[attr-defined]  # threads in ``wait()``
+                    condition.notify_all()
+            self._told = told = _LATENCY
+        counts = self.counts
+        if counts is not None and told < _HOOKS:
+            if told == _LATENCY:
+                self._told = told = _KIND
+                counts.latencies.append(time.perf_counter_ns() - self.started)
+            if told == _KIND:
+                kind = None
+                if self._state != _FINISHED or isinstance(self._exception, CallTimeoutError):
+                    kind = counts.timeouts
+                elif self._exception is not None:
+                    kind = counts.errors
+                self._told = told = _ENDED
+                if kind is not None:
+                    next(kind)
+            if told == _ENDED:
+                self._told = told = _HOOKS
+                next(counts.ended)
+        self._told = told = max(told, _HOOKS)
+        hooks: list[Any] = self.on_cancel if self._state != _FINISHED else []
+        callbacks: list[Any] = self._done_callbacks  # type: ignore[attr-defined]
+        while True:
+            at = told - _HOOKS
+            if at < len(hooks):
+                hooks[at]()
+                self._told = told = told + 1
+                continue
+            at -= len(hooks)
+            if at >= len(callbacks):
+                return
+            callback = callbacks[at]
+            again = isinstance(callback, Again)
+            if not again:
+                self._told = told + 1
+            try:
+                callback(self)
+            except Exception:
+                _LOG.exception("exception calling callback for %r", self)
+            self._told = told = told + 1
+
+
+_LOG = logging.getLogger("concurrent.futures")  # where ``Future`` logs a failed callback
 
 
 class _FutureWaiter:
-    """Completes a ``concurrent.futures.Future`` with its call's outcome."""
+    """Completes a ``CallFuture`` with its call's outcome."""
 
     __slots__ = ("future", "pending")
     leads = False
 
-    def __init__(self, future: Future[Any], pending: PendingCall) -> None:
+    def __init__(self, future: CallFuture, pending: PendingCall) -> None:
         self.future = future
         self.pending = pending
 
     def wake(self) -> None:
-        pending, future = self.pending, self.future
-        if not pending.done:
-            return
-        try:  # a future already completed or cancelled raises (``done()`` costs as much)
-            if pending.ok:
-                future.set_result(pending.value)
-            else:
-                future.set_exception(pending.value)
-        except Exception:  # cancelled or completed meanwhile (InvalidStateError)
-            pass
+        if self.pending.done:
+            _complete_from(self.future, self.pending)
+
+
+def _complete_from(future: CallFuture, pending: PendingCall) -> None:
+    """Complete ``future`` with settled ``pending``'s outcome (nothing if it is done)."""
+    if pending.ok:
+        future._complete(_FINISHED, pending.value, None)
+    else:
+        future._complete(_FINISHED, None, pending.value)
 
 
 class _Pump:
@@ -134,14 +276,17 @@ class _Pump:
         self._nap.acquire()  # never released: ``acquire(timeout=...)`` on it is a nap
 
     def add(self, item: tuple[PendingCall, int, float | None, CallFuture]) -> None:
-        with self.lock:
-            self.queue.append(item)
-            start = not self.running
-            self.running = True
-            if self.dozing or not self.waited:
-                self.more.notify()
-        if start:
-            _thread.start_new_thread(self._run, ())
+        start = False
+        try:
+            with self.lock:
+                self.queue.append(item)
+                if not self.running:
+                    self.running = start = True  # no call between: started in the finally
+                if self.dozing or not self.waited:
+                    self.more.notify()
+        finally:
+            if start:  # an interrupt must not leave it ``running`` with no thread
+                _thread.start_new_thread(self._run, ())
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -167,9 +312,16 @@ class _Pump:
                     if not pending.settled():
                         _time_out(future, pending, self.core)
             except BaseException as exc:  # never leave a future waiting for ever
-                if not future.done():
-                    future.set_exception(exc)
+                future._complete(_FINISHED, None, exc)
             finally:
+                if pending.done:
+                    # A reader an interrupt stopped as it settled the call may have left the
+                    # future to complete, and the call in the table (its frame is read
+                    # again later, as a late reply).
+                    if future._state not in _OVER:
+                        _complete_from(future, pending)
+                    if call_id in self.core.protocol.pending:
+                        self.core.abandon(call_id)
                 with self.lock:
                     self.queue.popleft()
                 idle_since = time.monotonic()
@@ -190,10 +342,7 @@ def _time_out(future: CallFuture, pending: PendingCall, core: Connection) -> Non
         error: BaseException = core.broken
     else:
         error = CallTimeoutError(f"{pending.method}() timed out")
-    try:
-        future.set_exception(error)
-    except Exception:  # cancelled meanwhile
-        pass
+    future._complete(_FINISHED, None, error)  # nothing if cancelled meanwhile
 
 
 _PUMPS_LOCK = threading.Lock()
@@ -206,38 +355,51 @@ def submit_call(
     kwargs: dict[str, Any],
     timeout: float | None,
 ) -> CallFuture:
-    """Register and write one call; its outcome completes the returned future."""
+    """Register and write one call; its outcome completes the returned future.
+
+    Everything after the future is made is inside one ``try``: wherever an interrupt
+    (or a failure) lands, the call is abandoned and settled with it (the future
+    completed and counted, and a pump handed it already done with it).
+    """
     core.check_usable()
     future = CallFuture()
-    counters = core.counters
-    if counters is not None:
-        future.counts = counts = counters.of(method)
-        next(counts.started)
-        future.started = time.perf_counter_ns()
     pending = PendingCall(method)
-    pending.waiter = _FutureWaiter(future, pending)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    pending.waiter = waiter = _FutureWaiter(future, pending)
     call_id = 0
     try:
+        counters = core.counters
+        if counters is not None:
+            future.started = time.perf_counter_ns()
+            future.counts = counts = counters.of(method)
+            next(counts.started)  # no call since ``counts`` was stored: ended as it completes
+        deadline = None if timeout is None else time.monotonic() + timeout
         call_id, frame = core.protocol.start(method, args, kwargs, pending)
         core._send(frame, deadline)
-    except WriteTimeout:
-        core.abandon(call_id)
-        raise CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send") from None
-    except BaseException:
+        if pending.done:  # settled already (the connection broke as it was sent)
+            waiter.wake()
+            return future
+        future.on_cancel.append(functools.partial(core.abandon, call_id))
+        pump = core.pump
+        if pump is None:
+            pump = _pump_of(core)
+        future.wait = functools.partial(_wait_for, pump, pending, deadline)
+        pump.add((pending, call_id, deadline, future))
+    except BaseException as exc:
+        error = exc
+        if isinstance(exc, WriteTimeout):
+            error = CallTimeoutError(f"{method}() timed out after {timeout} s waiting to send")
         if call_id:
             core.abandon(call_id)
+        pending.settle(False, error)  # completes the future; a pump handed it stops waiting
+        if error is not exc:
+            raise error from None
         raise
-    if pending.done:  # settled already (the connection broke as it was sent)
-        pending.waiter.wake()
-        return future
-    future.on_cancel.append(functools.partial(core.abandon, call_id))
-    pump = core.pump
-    if pump is None:
-        with _PUMPS_LOCK:
-            pump = core.pump
-            if pump is None:
-                pump = core.pump = _Pump(core)
-    future.wait = functools.partial(_wait_for, pump, pending, deadline)
-    pump.add((pending, call_id, deadline, future))
     return future
+
+
+def _pump_of(core: Connection) -> _Pump:
+    with _PUMPS_LOCK:
+        pump: _Pump | None = core.pump
+        if pump is None:
+            pump = core.pump = _Pump(core)
+        return pump

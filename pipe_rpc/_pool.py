@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 from ._errors import ClientClosedError
+from ._futures import Again
 from ._liveness import check_owner, fork_generation
 from ._messages import Kind
 from ._options import OnTimeout, StartMethod, server_options
@@ -205,7 +206,7 @@ class Pool(Generic[T]):
         future = worker.server.submit(method, args, kwargs, timeout)
         if first is not None:
             future.add_done_callback(first)
-        future.add_done_callback(functools.partial(self._workers.future_done, lease))
+        future.add_done_callback(Again(self._workers.future_done, lease))  # see ``Again``
         return future
 
     def stream(

@@ -208,7 +208,8 @@ class Workers(Children):
 
         It runs in whichever thread completes the future, maybe one a signal lands in:
         an interrupt anywhere in here still gives the lease back (a second try does
-        nothing if the first got through)."""
+        nothing if the first got through), and one as it starts has the future call
+        it again (it is added as an ``Again``)."""
         error: BaseException | None = None
         try:
             if future.cancelled():

@@ -404,6 +404,12 @@ class Transport:
                 left to read (frames that came before it are in ``ready``).
             ProtocolError: the stream broke the framing.
         """
+        reader = self.reader
+        if reader.chunks:  # an interrupted reader may have left a whole frame: no wait for it
+            before = len(self.ready)
+            reader.cut()
+            if len(self.ready) > before:
+                return
         if spin and self._spin_next and self._spin(timeout):
             return
         events = self._poll.poll(None if timeout is None else timeout * 1000)

@@ -51,7 +51,7 @@ class _Landing:
         self.fired = False
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> None:
-        if _making_a_side_channel(frame):
+        if _not_the_calls(frame):
             return
         if event in _LANDING and not self.fired:
             self.seen += 1
@@ -60,37 +60,33 @@ class _Landing:
                 raise KeyboardInterrupt
 
 
-class _PoolLanding(_Landing):
-    """``_Landing`` at the landing points the pool's own code makes: a C call it made
-    returning, or a function it called starting. (A future's completion, in
-    ``concurrent.futures``, has landing points of its own that can leave its lock
-    held: those are not the pool's to close.)"""
-
-    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
-        caller = frame if event == "c_return" else frame.f_back
-        if caller is not None and "_pool" in caller.f_code.co_filename:
-            super().__call__(frame, event, arg)
-
-
-def _making_a_side_channel(frame: FrameType | None) -> bool:
-    """Is this inside the making of a side channel? Only a thread other than the main
-    one makes one, where no signal handler runs: the bare descriptors it makes could
-    leak to an exception raised there by other means, and the sweep leaves it out."""
+def _not_the_calls(frame: FrameType | None) -> bool:
+    """Is this inside the making of a side channel, or a finalizer? Only a thread other
+    than the main one makes a side channel, where no signal handler runs: the bare
+    descriptors it makes could leak to an exception raised there by other means. An
+    object that dies as the call runs (some earlier one's, collected) has its
+    finalizer or weak reference callback run there: an interrupt in it is ignored
+    with it, no part of the call. The sweep leaves both out."""
     while frame is not None:
-        if frame.f_code.co_name in ("_open", "_new") and "_lanes" in frame.f_code.co_filename:
+        code = frame.f_code
+        if code.co_name in ("_open", "_new") and "_lanes" in code.co_filename:
+            return True
+        if code.co_name == "__del__" or code.co_filename.endswith(_WEAKREFS):
             return True
         frame = frame.f_back
     return False
 
 
-def _interrupt_at(
-    at: int, call: Callable[[], Any], landing: type[_Landing] = _Landing
-) -> tuple[bool, bool]:
+#: Where the standard library's weak reference callbacks and finalizers are.
+_WEAKREFS = ("/weakref.py", "/_weakrefset.py")
+
+
+def _interrupt_at(at: int, call: Callable[[], Any]) -> tuple[bool, bool]:
     """Run ``call`` with an interrupt at its ``at``-th landing point.
 
     Returns (the interrupt fired, the call raised ``KeyboardInterrupt``).
     """
-    hook = landing(at)
+    hook = _Landing(at)
     # No collection meanwhile: a finalizer of an earlier test's object run by it would
     # take the landing points (and the interrupt), which are the call's to take.
     gc.disable()
@@ -105,9 +101,9 @@ def _interrupt_at(
     return hook.fired, False
 
 
-def _landings(call: Callable[[], Any], landing: type[_Landing] = _Landing) -> int:
+def _landings(call: Callable[[], Any]) -> int:
     """How many landing points one run of ``call`` passes."""
-    hook = landing(at=-1)
+    hook = _Landing(at=-1)
     gc.disable()
     sys.setprofile(hook)
     try:
@@ -128,10 +124,19 @@ def _assert_consistent(core: Connection) -> None:
     assert core.broken is None
 
 
-def _sweep(core: Connection, call: Callable[[], Any], check: Callable[[int], None]) -> int:
+def _sweep(
+    core: Connection,
+    call: Callable[[], Any],
+    check: Callable[[int], None],
+    settled: Callable[[], bool] | None = None,
+) -> int:
     """Interrupt ``call`` at each of its landing points in turn; after each, nothing of
     it is left (no lock held, no call in flight) and ``check(n)`` must get its own
-    reply. Returns how many points were swept."""
+    reply. Returns how many points were swept.
+
+    ``settled``: the call goes on in another thread (a submitted one): wait for it to
+    be true first, not for the call to have ended by the time the interrupt is raised.
+    """
     call()  # first-time work (looking the method up) is not part of every call
     points = _landings(call)
     assert points > 20  # the sweep reaches into the call
@@ -140,6 +145,8 @@ def _sweep(core: Connection, call: Callable[[], Any], check: Callable[[int], Non
         # A call's path varies a little (a spin that finds the reply or not), so the
         # last few points may not be reached on every run.
         fired += _interrupt_at(at, call)[0]
+        if settled is not None:
+            wait_until(settled, f"the call interrupted at landing {at} to end")
         _assert_consistent(core)  # at once: an ended call leaves nothing for a later one
         check(at)
         _assert_consistent(core)
@@ -205,6 +212,32 @@ def test_an_interrupt_at_any_landing_point_of_a_big_call_ends_that_call_alone() 
         assert points > 20
 
 
+def test_an_interrupt_at_any_landing_point_of_a_submitted_call_ends_that_call_alone() -> None:
+    """``submit(...).result()``, the future's own completion included (``result()``'s
+    thread most often reads the reply and completes the future): the call is handed to
+    the connection's thread or abandoned, its future completed once, its outcome
+    counted once, and once that thread is done with it nothing of it is left."""
+    server = pipe_rpc.spawn(CalcService, start_method="fork")
+    with server as calc:
+        core = client_of(server)._core
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+
+        def settled() -> bool:
+            # ``in_flight`` is calls started less calls ended: 0 when each outcome that
+            # was started is counted once (a lost count leaves 1, a repeated one -1).
+            counted = server.stats().methods["add"].in_flight
+            assert counted >= 0, "an outcome was counted twice"
+            handed = core.pump is not None and core.pump.queue  # the thread may hold a lock
+            return core.in_flight == 0 and counted == 0 and not handed
+
+        def check(n: int) -> None:
+            assert bounded.add(n, 1) == n + 1
+            assert pipe_rpc.submit(bounded.add, n, 2).result(SETTLE) == n + 2
+
+        points = _sweep(core, lambda: pipe_rpc.submit(calc.add, 2, 3).result(), check, settled)
+        assert points > 40  # into ``concurrent.futures`` too
+
+
 def test_an_interrupt_at_any_landing_point_of_a_side_channel_call_ends_that_call_alone() -> None:
     server = pipe_rpc.spawn(CalcService, start_method="fork", max_concurrency=2)
     with server as calc:
@@ -259,16 +292,14 @@ def _assert_pool_settles(pool: pipe_rpc.Pool[Worker], n: int) -> None:
     assert _in_flight(pool) == [0] * pool.size
 
 
-def _sweep_pool(
-    pool: pipe_rpc.Pool[Worker], call: Callable[[], Any], landing: type[_Landing] = _Landing
-) -> int:
+def _sweep_pool(pool: pipe_rpc.Pool[Worker], call: Callable[[], Any]) -> int:
     """``_sweep`` for a pool: after each landing point, ``_assert_pool_settles``."""
     call()
-    points = _landings(call, landing)
+    points = _landings(call)
     assert points > 8  # the sweep reaches into the call (the pool's own code has a few)
     fired = 0
     for at in range(1, points + 1):
-        fired += _interrupt_at(at, call, landing)[0]
+        fired += _interrupt_at(at, call)[0]
         _assert_pool_settles(pool, at)
     # A submitted call's path varies more: its done callback runs as it is added, or not.
     assert fired > points * 0.75
@@ -298,9 +329,10 @@ def test_an_interrupt_at_any_landing_point_of_a_pool_submit_gives_its_child_back
     worker_pool: pipe_rpc.Pool[Worker],
 ) -> None:
     """Between the take and the future's done callback being added (or its running, if
-    the future is done by then)."""
+    the future is done by then), and in the future's completion by ``result()``."""
     pool = worker_pool
-    _sweep_pool(pool, lambda: pipe_rpc.submit(pool.proxy.square, 3), _PoolLanding)
+    _sweep_pool(pool, lambda: pipe_rpc.submit(pool.proxy.square, 3))
+    _sweep_pool(pool, lambda: pipe_rpc.submit(pool.proxy.square, 3).result())
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -314,11 +346,12 @@ def test_an_interrupt_at_any_landing_point_of_a_pool_stream_gives_its_child_back
 def test_an_interrupt_at_any_landing_point_of_a_pool_map_gives_every_child_back(
     worker_pool: pipe_rpc.Pool[Worker],
 ) -> None:
-    """``map`` runs in the consumer's thread: an interrupt landing in the pool's code in
-    a ``next()`` (taking, sending, a done callback) leaves no child counted busy."""
+    """``map`` runs in the consumer's thread: an interrupt landing anywhere in a
+    ``next()`` (taking, sending, a future's completion and its done callbacks) leaves no
+    child counted busy."""
     pool = worker_pool
-    _sweep_pool(pool, lambda: next(pool.map(pool.proxy.square, range(6))), _PoolLanding)
-    _sweep_pool(pool, lambda: list(pool.map(pool.proxy.square, range(6))), _PoolLanding)
+    _sweep_pool(pool, lambda: next(pool.map(pool.proxy.square, range(6))))
+    _sweep_pool(pool, lambda: list(pool.map(pool.proxy.square, range(6))))
 
 
 # -- real signals -------------------------------------------------------------------
