@@ -741,3 +741,25 @@ def test_pool_stats_sum_the_children_retired_ones_included() -> None:
     assert stats.methods["add"].calls >= 23
     assert stats.starts >= 4
     assert isinstance(stats, pipe_rpc.Stats)
+
+
+def test_pool_stats_count_a_retired_childs_call_while_it_drains(
+    gate: Path, tmp_path: Path, pools: list[pipe_rpc.Pool[Worker]]
+) -> None:
+    """A child retired with a call in flight is closed once the call is done; until
+    then its counts are neither the live children's nor the retired ones'."""
+    pool = pipe_rpc.pool(Worker, size=1, start_method="forkserver", max_calls_per_child=1)
+    pools.append(pool)
+    marker = tmp_path / "held"
+    future = pipe_rpc.submit(pool.proxy.hold, str(gate), str(marker))
+    try:
+        wait_for(marker.exists, "the held call to reach its child")
+        assert pool.stats().methods["hold"].in_flight == 1
+    finally:
+        release(gate)
+    assert future.result(SETTLE) == int(marker.read_text())
+    # Counted as the future completes (just after ``result()`` may return), and then
+    # always: while the child is closed, and after.
+    wait_for(lambda: pool.stats().methods["hold"].calls == 1, "the call counted")
+    for _ in range(20):
+        assert pool.stats().methods["hold"].calls == 1
