@@ -503,9 +503,12 @@ class Transport:
                 raise PeerGone("end of file")
             if not chunks:
                 chunks.append(data)
-        fd_arg = self._fd_arg
-        if chunks:
+            reader.cut()
+            if got < _READ_SIZE and (not chunks or reader.read_target() is None):
+                return  # a short read: nothing more is there now
+        elif chunks:
             reader.cut()  # what an interrupted reader read and did not cut
+        fd_arg = self._fd_arg
         while True:
             target = reader.read_target() if chunks else None
             if target is None and self.fds is not None:  # a descriptor may come next
