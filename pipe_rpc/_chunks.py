@@ -86,10 +86,6 @@ def open_chunk(blob: object, count: int) -> Outcomes:
         raise ProtocolError(f"a map chunk's answer is malformed: {exc!r}") from exc
 
 
-def outcome(outcomes: Outcomes, index: int) -> Any:
-    """The result of the chunk's item ``index``, or its exception raised."""
-    results, errors, _ = outcomes
-    payload = errors.get(index)
-    if payload is None:
-        return results[index]
-    raise exception_from(pickle.loads(payload), None)
+def item_error(outcomes: Outcomes, index: int) -> BaseException:
+    """The exception the chunk's item ``index`` raised (it must have)."""
+    return exception_from(pickle.loads(outcomes[1][index]), None)

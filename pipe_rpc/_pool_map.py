@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._chunks import MAP, Outcomes, open_chunk, outcome
+from ._chunks import MAP, Outcomes, item_error, open_chunk
 from ._errors import ClientClosedError
 from ._messages import Kind
 from ._pool_children import Lease
@@ -78,11 +78,13 @@ class _Sent:
         self.count = count
         self.outcomes: Outcomes | None = None
 
-    def open(self) -> Outcomes:
-        """The chunk's outcomes (its call's failure raised: every item's)."""
+    def open(self, future: Future[Any] | None = None) -> Outcomes:
+        """The chunk's outcomes (its call's failure raised: every item's), from its
+        future or from ``future``, which is the same (a done callback's argument)."""
         outcomes = self.outcomes
         if outcomes is None:
-            outcomes = self.outcomes = open_chunk(self.future.result(), self.count)
+            done = self.future if future is None else future
+            outcomes = self.outcomes = open_chunk(done.result(), self.count)
         return outcomes
 
 
@@ -97,9 +99,9 @@ class _Failed:
         self.failure = failure  # the whole chunk's, if it failed
 
     def raise_it(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-        outcome(self.sent.open(), self.index)
+        if self.failure is not None:  # raised for every item: without the last one's frames
+            raise self.failure.with_traceback(None)
+        raise item_error(self.sent.open(), self.index)
 
 
 class MapResults(Iterator[R]):
@@ -168,20 +170,18 @@ class MapResults(Iterator[R]):
         sent = self._oldest() if self._ordered else self._first_done()
         if not sent.count:
             return sent.future.result()  # type: ignore[no-any-return]
+        self._answered += sent.count
         try:
             results, errors, _ = sent.open()
         except Exception as exc:  # the chunk failed (its child died): every item raises it
-            results, errors = [None] * sent.count, dict.fromkeys(range(sent.count), b"")
-            failure: BaseException | None = exc
+            rest.extend(_Failed(sent, index, exc) for index in range(sent.count))
         else:
-            failure = None
-        self._answered += sent.count
-        if errors:
-            for index in errors:
-                results[index] = _Failed(sent, index, failure)
-            rest.extend(results)
-        else:
-            self._ready.extend(results)
+            if errors:
+                for index in errors:
+                    results[index] = _Failed(sent, index, None)
+                rest.extend(results)
+            else:
+                self._ready.extend(results)
         self._send()  # its child has a free place again: keep it busy meanwhile
         return self.__next__()
 
@@ -313,9 +313,7 @@ class MapResults(Iterator[R]):
         next chunk from how long they took."""
         counts = worker.server._counters.of(self._name)
         try:  # ``future``, not ``sent.future``: this may run before ``_submit`` sets it
-            if sent.outcomes is None:
-                sent.outcomes = open_chunk(future.result(), sent.count)
-            _, errors, elapsed = sent.outcomes
+            _, errors, elapsed = sent.open(future)
         except BaseException:
             counts.add(sent.count, sent.count, 0)
             return
