@@ -354,6 +354,15 @@ def test_an_interrupt_at_any_landing_point_of_a_pool_map_gives_every_child_back(
     _sweep_pool(pool, lambda: list(pool.map(pool.proxy.square, range(6))))
 
 
+def test_an_interrupt_at_any_landing_point_of_a_chunked_pool_map_gives_every_child_back() -> None:
+    """The same with chunks (which a timeout turns off: this pool has none), and each
+    chunk's counting callback, which runs before its child is given back."""
+    with pipe_rpc.pool(Worker, size=2, start_method="forkserver") as proxy:
+        pool = proxy._pipe_rpc_invoker  # type: ignore[attr-defined]
+        _sweep_pool(pool, lambda: list(pool.map(pool.proxy.square, range(16), chunksize=8)))
+        assert pool.stats().methods["square"].in_flight == 0
+
+
 # -- real signals -------------------------------------------------------------------
 
 
