@@ -9,6 +9,15 @@ its pipe; for a chunk, half a millisecond at a time, sending the next chunks to 
 children that answered meanwhile); as they complete, it waits for the first future
 done, completed by each connection's ``submit`` thread.
 
+Handing out (``MapResults``). A ``for`` loop over the map takes each result in C,
+from an ``itertools.chain`` over each call's results; Python runs once per call,
+between them. Interrupts: the items drawn wait in ``_unsent`` until their call is in
+``_flight``, a call leaves ``_flight`` only after its results are queued for the
+chain (by the next step), and an item's error is raised with no landing point
+between taking it and raising it. So an interrupt anywhere loses no item and hands
+none out twice; one landing while a call is being sent ends that call, whose items
+raise it in their place.
+
 Chunks (``_chunks``). A call costs the parent far more than a tiny item costs the
 child, so with ``chunksize`` many quick items go to one call. With ``"auto"``, the
 first items go one per chunk; each chunk's answer tells how long its items took
@@ -27,8 +36,8 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from itertools import islice
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from ._chunks import MAP, Outcomes, item_error, open_chunk
 from ._errors import ClientClosedError
@@ -88,24 +97,52 @@ class _Sent:
         return outcomes
 
 
-class _Failed:
-    """An item of a chunk that raised, in its place among the results."""
+#: A step's "no item": the chain goes on to the iterators the step queued.
+_END = object()
 
-    __slots__ = ("failure", "index", "sent")
+#: What a step queues: runs of results, and items' errors between them.
+_Part: TypeAlias = "list[Any] | _Raiser"
 
-    def __init__(self, sent: _Sent, index: int, failure: BaseException | None) -> None:
-        self.sent = sent
-        self.index = index
-        self.failure = failure  # the whole chunk's, if it failed
 
-    def raise_it(self) -> None:
-        if self.failure is not None:  # raised for every item: without the last one's frames
-            raise self.failure.with_traceback(None)
-        raise item_error(self.sent.open(), self.index)
+class _Raiser:
+    """An item's error, raised in its place by the chain (through a C iterator, so that
+    the chain survives it). An interrupt landing as ``__next__`` starts leaves it to be
+    raised by the next ``next()``; from taking it to raising it there is no landing
+    point."""
+
+    __slots__ = ("error", "shared")
+
+    def __init__(self, error: BaseException | None, shared: bool = False) -> None:
+        self.error = error
+        self.shared = shared  # raised for each item of a chunk: without the last's frames
+
+    def __next__(self) -> object:
+        error = self.error
+        if error is None:
+            return _END
+        if self.shared:
+            error = error.with_traceback(None)
+        self.error = None
+        raise error
+
+
+def _its_outcome(future: Future[Any], error: BaseException) -> bool:
+    """Was ``error``, raised from taking ``future``'s outcome, that outcome (the call's
+    error, or its answer found malformed), not an interrupt that landed meanwhile?"""
+    if isinstance(error, Exception):
+        return True
+    return future.done() and not future.cancelled() and future.exception() is error
 
 
 class MapResults(Iterator[R]):
-    """The iterator ``Pool.map`` returns (see there)."""
+    """The iterator ``Pool.map`` returns (see there).
+
+    Results are handed out by one ``itertools.chain`` over the batches queued in
+    ``_queue`` (a chunk's results, a single call's result), so a ``for`` loop takes
+    each item in C. After each batch comes a step (``_step``, called through a C
+    iterator) that waits for the next call and queues its batch and another step. A
+    step that raises (an item's error, an interrupt) stays in the chain and is called
+    again by the next ``next()``; the chain is never left holding an item."""
 
     def __init__(
         self,
@@ -128,62 +165,108 @@ class MapResults(Iterator[R]):
         self._places = pool._places
         self._calls = pool.size * pool._places * _MAP_WINDOW  # the most calls drawn ahead
         self._flight: deque[_Sent] = deque()  # sent and not handed out, oldest first
-        self._done: deque[_Sent] = deque()  # unordered: completed, not handed out
-        self._ready: deque[Any] = deque()  # the results of an answered chunk, in order
-        self._pop = self._ready.popleft
-        self._rest: deque[Any] = deque()  # those of one with failed items (see ``_Failed``)
+        self._unsent: list[Any] = []  # items drawn and not sent yet
         self._finished = False
         self._drawn = self._answered = 0  # items drawn, and items of chunks answered
         self._fixed = None if chunksize == "auto" else chunksize
         #: Items per call: 0 for single calls, decided before the first is sent.
         self._chunk: int | None = 0 if chunksize == 1 else None
+        #: The chain's next iterators: a batch, then a step; ``None`` ends the chain.
+        self._queue: deque[Iterator[Any] | None] = deque([iter(self._step, _END)])
+        self._batch: list[_Part] = []  # the parts last queued, emptied by ``close()``
+        self._chain: Iterator[R] = chain.from_iterable(iter(self._queue.popleft, None))
 
-    def __iter__(self) -> MapResults[R]:
-        return self
+    def __iter__(self) -> Iterator[R]:
+        return self._chain
 
     def __next__(self) -> R:
-        try:
-            return self._pop()  # type: ignore[no-any-return]  # the rest of an answered chunk
-        except IndexError:
-            return self._next_call()
+        return next(self._chain)
 
-    def _next_call(self) -> R:
-        rest = self._rest
-        if rest:  # a chunk with failed items: each raises in its place
-            value = rest.popleft()
-            if type(value) is _Failed:
-                value.raise_it()
-            return value  # type: ignore[no-any-return]
+    def _step(self, prev: object = None) -> Any:
+        """Wait for the next call's answer and queue its results (the chain's next
+        iterator) with the step after them; ``_END`` hands the chain on to them.
+
+        ``prev`` is the call (or the source's error) the step before queued, which only
+        now leaves the calls in flight: an interrupt anywhere in between can neither
+        drop a batch nor queue it twice. A step an interrupt ended runs again."""
+        queue = self._queue
+        if prev is not None:
+            self._hand(prev)
+        if queue:  # queued before an interrupt ended this step: go on to it
+            return _END
         if self._finished:
-            raise StopIteration
+            error = self._source_error
+            if error is None:
+                queue.append(None)
+            else:  # after the items before it
+                self._queue_batch([_Raiser(error)], error)
+            return _END
         if self._workers.closed:  # every call would fail: not one per item left
             self.close()
             raise ClientClosedError("the pool was closed")
         self._send()
-        flight = self._flight
-        if not flight:
+        if not self._flight:
             self._finished = True
-            error, self._source_error = self._source_error, None
-            if error is not None:
-                raise error
-            raise StopIteration
+            return self._step()
         sent = self._oldest() if self._ordered else self._first_done()
-        if not sent.count:
-            return sent.future.result()  # type: ignore[no-any-return]
-        self._answered += sent.count
+        if sent.count:
+            self._queue_chunk(sent)
+            self._send()  # its child has a free place again: keep it busy meanwhile
+        else:
+            self._queue_single(sent)
+        return _END
+
+    def _queue_single(self, sent: _Sent) -> None:
+        """A single call's result, or its error, raised in its place."""
+        future = sent.future
+        try:
+            value = future.result()
+        except BaseException as exc:
+            if not _its_outcome(future, exc):
+                raise  # an interrupt: this step runs again
+            self._queue_batch([_Raiser(exc)], sent)
+        else:
+            self._queue_batch([[value]], sent)
+
+    def _queue_chunk(self, sent: _Sent) -> None:
+        """A chunk's results, each failed item's error raised in its place: runs of
+        results as list iterators, each error between them as its own iterator."""
         try:
             results, errors, _ = sent.open()
-        except Exception as exc:  # the chunk failed (its child died): every item raises it
-            rest.extend(_Failed(sent, index, exc) for index in range(sent.count))
+        except BaseException as exc:  # the chunk failed (its child died): every item raises it
+            if not _its_outcome(sent.future, exc):
+                raise  # an interrupt: this step runs again
+            self._queue_batch([_Raiser(exc, shared=True) for _ in range(sent.count)], sent)
         else:
-            if errors:
-                for index in errors:
-                    results[index] = _Failed(sent, index, None)
-                rest.extend(results)
-            else:
-                self._ready.extend(results)
-        self._send()  # its child has a free place again: keep it busy meanwhile
-        return self.__next__()
+            parts: list[_Part] = []
+            start = 0
+            for index in sorted(errors):
+                if start < index:
+                    parts.append(results[start:index])
+                parts.append(_Raiser(item_error((results, errors, 0), index)))
+                start = index + 1
+            parts.append(results[start:] if start else results)
+            self._queue_batch(parts, sent)
+        self._answered += sent.count
+
+    def _queue_batch(self, parts: list[_Part], of: object) -> None:
+        """Queue ``parts`` (as C iterators) and, after them, the step that hands ``of``
+        out."""
+        self._batch = parts
+        iterators = [
+            iter(part) if isinstance(part, list) else iter(part.__next__, _END) for part in parts
+        ]
+        self._queue.extend([*iterators, iter(functools.partial(self._step, of), _END)])
+
+    def _hand(self, prev: object) -> None:
+        """``prev``'s batch is queued: it leaves the calls in flight (or the error is
+        forgotten)."""
+        if type(prev) is _Sent:
+            flight = self._flight
+            if prev in flight:
+                flight.remove(prev)
+        elif prev is self._source_error:
+            self._source_error = None
 
     def _oldest(self) -> _Sent:
         """The oldest call, once answered. A chunk is waited for a little at a time, and
@@ -197,24 +280,23 @@ class MapResults(Iterator[R]):
             while wait is not None and not future.done():
                 wait(time.monotonic() + _REFILL)
                 self._send()
-        return flight.popleft()
+        return sent
 
     def _first_done(self) -> _Sent:
-        done, flight = self._done, self._flight
-        if not done:
-            # Most often the oldest call's reply is the next to come: read its pipe in
-            # this thread a moment (a future's wait), as an ordered map does, before
-            # waiting for whichever completes first (each pipe read by its own thread).
-            look = getattr(flight[0].future, "wait", None)
-            if look is not None:
-                look(time.monotonic() + _LOOK)
-        if not done:
-            concurrent.futures.wait(
-                [sent.future for sent in flight], return_when=concurrent.futures.FIRST_COMPLETED
-            )
-        sent = done.popleft()
-        flight.remove(sent)
-        return sent
+        """The first call in flight found answered."""
+        flight = self._flight
+        for sent in flight:
+            if sent.future.done():
+                return sent
+        # Most often the oldest call's reply is the next to come: read its pipe in this
+        # thread a moment (a future's wait), as an ordered map does, before waiting for
+        # whichever completes first (each pipe read by its own thread).
+        look = getattr(flight[0].future, "wait", None)
+        if look is not None:
+            look(time.monotonic() + _LOOK)
+        futures = [sent.future for sent in flight]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        return next(sent for sent in flight if sent.future.done())
 
     def _send(self) -> None:
         """Draw and send items while the window has room and a child a free place; wait
@@ -241,7 +323,7 @@ class MapResults(Iterator[R]):
                 if not items:  # the source has ended, or enough is drawn ahead
                     workers.give_back(lease)
                     return
-                flight.append(self._submit(worker, lease, items, timeout, chunk))
+                self._submit(worker, lease, items, timeout, chunk)
             except BaseException as exc:
                 workers.give_back(lease, exc)
                 raise
@@ -253,7 +335,7 @@ class MapResults(Iterator[R]):
         if not chunk:
             return 1
         answered = self._answered
-        ahead = self._drawn - answered
+        ahead = self._drawn - answered - len(self._unsent)  # sent, not answered
         return max(min(chunk, max(4 * answered, self._calls) - ahead), 0)
 
     def _first_chunk(self, worker: _Worker) -> int:
@@ -269,15 +351,17 @@ class MapResults(Iterator[R]):
 
     def _draw(self, count: int) -> list[Any]:
         """Up to ``count`` items; fewer once the source has ended (or failed: its error
-        is raised after the items before it, see ``_guarded``)."""
-        source = self._source
-        if source is None or not count:
-            return []
-        items = list(islice(source, count))
-        if len(items) < count:
-            self._source = None
-        self._drawn += len(items)
-        return items
+        is raised after the items before it, see ``_guarded``). They stay in ``_unsent``
+        until ``_submit`` takes them, so an interrupt loses none."""
+        unsent, source = self._unsent, self._source
+        missing = count - len(unsent)
+        if missing > 0 and source is not None:
+            before = len(unsent)
+            unsent.extend(islice(source, missing))  # in C: each item kept as it is drawn
+            if len(unsent) < count:
+                self._source = None
+            self._drawn += len(unsent) - before
+        return unsent[:count]
 
     def _guarded(self, source: Iterator[Any]) -> Iterator[Any]:
         """``source``, ended by its error, which is kept to be raised in its place."""
@@ -288,7 +372,10 @@ class MapResults(Iterator[R]):
 
     def _submit(
         self, worker: _Worker, lease: Lease, items: list[Any], timeout: Any, chunk: int
-    ) -> _Sent:
+    ) -> None:
+        """Send ``items`` (taken from ``_unsent``) as one call, in flight from before it
+        goes: if sending fails, or an interrupt ends it, the items raise its error in
+        their place."""
         args: tuple[Any, ...]
         if chunk:
             method, args = MAP, (self._name, items)
@@ -297,16 +384,15 @@ class MapResults(Iterator[R]):
         sent = _Sent(Future(), len(items) if chunk else 0)
         # Counted into the worker's counts before the lease goes back (and it may close).
         first = functools.partial(self._chunk_done, sent, worker) if chunk else None
-        try:
-            future = self._pool._submit_to(worker, lease, method, args, {}, timeout, first)
-        except Exception as exc:  # the item's outcome: it never went
+        del self._unsent[: len(items)]  # no landing point between this and the append
+        try:  # an interrupt can land as the append returns: in the try
+            self._flight.append(sent)
+            sent.future = self._pool._submit_to(worker, lease, method, args, {}, timeout, first)
+        except BaseException as exc:  # the call's outcome: it never went, or was abandoned
             self._workers.give_back(lease, exc)
             sent.future.set_exception(exc)
-            return sent
-        sent.future = future
-        if not self._ordered:
-            future.add_done_callback(lambda _: self._done.append(sent))
-        return sent
+            if not isinstance(exc, Exception):
+                raise
 
     def _chunk_done(self, sent: _Sent, worker: _Worker, future: Future[Any]) -> None:
         """A chunk's answer came: count its items as calls of the method, and size the
@@ -329,6 +415,11 @@ class MapResults(Iterator[R]):
         self._finished = True
         self._source = None
         self._flight.clear()
-        self._done.clear()
-        self._ready.clear()
-        self._rest.clear()
+        self._unsent.clear()
+        for part in self._batch:  # the rest of the batch being handed out
+            if isinstance(part, list):
+                part.clear()
+            else:
+                part.error = None
+        self._queue.clear()
+        self._queue.append(None)

@@ -666,3 +666,63 @@ def test_a_huge_timeout_is_a_long_deadline_not_an_overflow(timeout: float) -> No
     with pipe_rpc.spawn(CalcService, start_method="fork", timeout=timeout) as calc:
         assert calc.add(1, 2) == 3
         assert pipe_rpc.options(calc, timeout=timeout).add(2, 2) == 4
+
+
+def _take_all(results: Iterator[int], got: list[object], ended: bool = False) -> None:
+    """Each result of ``results`` into ``got``, and each item error (kept as it is: a
+    ``str()`` first would be a landing point of its own); ``ended``: an item whose call
+    an interrupt ended (raising it) as ``"ended"``."""
+    while True:
+        try:
+            for value in results:
+                got.append(value)
+            return
+        except ValueError as exc:
+            got.append(exc)
+        except KeyboardInterrupt:
+            if not ended:
+                raise
+            got.append("ended")
+
+
+def _resumed_map(at: int, make: Callable[[], Iterator[int]]) -> list[object]:
+    """Consume ``make()``'s map with an interrupt at landing ``at``, then go on with the
+    same iterator: each result or item error in the order taken."""
+    results = make()
+    got: list[object] = []
+    _interrupt_at(at, lambda: _take_all(results, got))
+    _take_all(results, got, ended=True)
+    return [str(value) if isinstance(value, ValueError) else value for value in got]
+
+
+@pytest.mark.parametrize(
+    ("chunksize", "items"), [(1, [1, -2, 3, 4]), (4, [1, 2, -3, 4, 5, 6, 7, -8, 9, 10, 11, 12])]
+)
+def test_an_interrupt_at_any_landing_point_of_a_map_drops_no_result_and_repeats_none(
+    chunksize: int, items: list[int]
+) -> None:
+    """After an interrupt, the same iterator goes on where it was: every item's result
+    or error comes once, in order, wherever the interrupt landed. The interrupt ends
+    one call at most, while it is being sent: its items raise it in their place."""
+    expected: list[int | str] = [x if x >= 0 else f"negative: {x}" for x in items]
+    ended = 0
+    with pipe_rpc.pool(Worker, size=2, start_method="forkserver") as proxy:
+        pool: pipe_rpc.Pool[Worker] = proxy._pipe_rpc_invoker  # type: ignore[attr-defined]
+
+        def make() -> Iterator[int]:
+            return pool.map(pool.proxy.check, items, chunksize=chunksize)
+
+        points = _landings(lambda: _take_all(make(), []))
+        assert points > 50
+        for at in range(1, points + 1):
+            got = _resumed_map(at, make)
+            assert len(got) == len(items), f"landing {at}: {got}"
+            lost = [i for i, value in enumerate(got) if value == "ended"]
+            assert len(lost) <= max(chunksize, 1), f"landing {at}: {got}"
+            if lost:  # one call's items, in a row
+                assert lost == list(range(lost[0], lost[0] + len(lost))), f"landing {at}"
+                ended += 1
+            kept = [value for value in got if value != "ended"]
+            assert kept == [v for i, v in enumerate(expected) if i not in lost], f"landing {at}"
+            _assert_pool_settles(pool, at)
+    assert ended < points / 2  # most landings end no call
