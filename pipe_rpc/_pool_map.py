@@ -80,12 +80,13 @@ _SAFE_ITERATORS: set[type] = {
 class _Sent:
     """One call of the map: a single item (``count == 0``) or a chunk of ``count``."""
 
-    __slots__ = ("count", "future", "outcomes")
+    __slots__ = ("answered", "count", "future", "outcomes")
 
     def __init__(self, future: Future[Any], count: int) -> None:
         self.future = future
         self.count = count
         self.outcomes: Outcomes | None = None
+        self.answered = False  # counted in the map's items answered
 
     def open(self, future: Future[Any] | None = None) -> Outcomes:
         """The chunk's outcomes (its call's failure raised: every item's), from its
@@ -247,7 +248,13 @@ class MapResults(Iterator[R]):
                 start = index + 1
             parts.append(results[start:] if start else results)
             self._queue_batch(parts, sent)
-        self._answered += sent.count
+        self._count_answered(sent)
+
+    def _count_answered(self, sent: _Sent) -> None:
+        """Count ``sent``'s items as answered, once (no landing point in between)."""
+        if not sent.answered:
+            sent.answered = True
+            self._answered += sent.count
 
     def _queue_batch(self, parts: list[_Part], of: object) -> None:
         """Queue ``parts`` (as C iterators) and, after them, the step that hands ``of``
@@ -262,6 +269,7 @@ class MapResults(Iterator[R]):
         """``prev``'s batch is queued: it leaves the calls in flight (or the error is
         forgotten)."""
         if type(prev) is _Sent:
+            self._count_answered(prev)  # if an interrupt kept its step from it
             flight = self._flight
             if prev in flight:
                 flight.remove(prev)
@@ -336,7 +344,8 @@ class MapResults(Iterator[R]):
             return 1
         answered = self._answered
         ahead = self._drawn - answered - len(self._unsent)  # sent, not answered
-        return max(min(chunk, max(4 * answered, self._calls) - ahead), 0)
+        room = max(min(chunk, max(4 * answered, self._calls) - ahead), 0)
+        return room if room or self._flight else 1  # never none with nothing in flight
 
     def _first_chunk(self, worker: _Worker) -> int:
         """Items per call: 0 (single calls) unless chunks may go, then ``chunksize``, or
