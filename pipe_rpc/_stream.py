@@ -5,8 +5,9 @@ A stream is one call that gets many replies: ``Items`` frames, then the call's
 like any call, and takes each frame of items as it comes (a frame handed out
 twice after an interrupt is recognised by its sequence number). Its waiters see
 ``done`` whenever there is something to take; the consumer clears it when it
-has taken everything. Once the consumer has taken every item of a frame, the
-iterator credits it back to the server (see ``_streams`` for the window).
+has taken everything. The iterator takes a frame whole and hands its items out
+from a plain iterator over them (in C); when they run out, it takes the next
+frame and credits the last back to the server (see ``_streams`` for the window).
 Closing the iterator early, or dropping it, cancels the stream: the server
 closes the generator, and anything still on its way is dropped.
 """
@@ -26,6 +27,9 @@ from ._pending import PendingCall
 from ._streams import WINDOW_ITEMS
 
 T = TypeVar("T")
+
+#: ``next()``'s default: the frame being handed out has run out.
+_NONE = object()
 
 #: Credit is sent once this many frames have been taken (and when a wait begins).
 _CREDIT_EVERY = 1
@@ -82,20 +86,19 @@ class StreamCall(PendingCall):
         if waiter is not None:
             waiter.wake()
 
-    def take(self) -> tuple[bool, Any]:
-        """``(True, item)``, or ``(False, None)`` when nothing is there right now."""
+    def take_frame(self, taken: int) -> deque[Any] | None:
+        """The next frame's items, whole, or ``None`` when nothing is there right now;
+        ``taken``: how many items of the last frame taken were handed out (all, or
+        fewer if the stream was closed meanwhile), which counts that frame as taken."""
         with self.lock:
+            if taken:
+                self.taken += taken
+                self.untaken_frames += 1
             if not self.frames:
                 if not self.ended:
                     self.done = False  # the next feed wakes the consumer
-                return False, None
-            frame = self.frames[0]
-            item = frame.popleft()
-            if not frame:
-                self.frames.popleft()
-                self.untaken_frames += 1
-            self.taken += 1
-            return True, item
+                return None
+            return self.frames.popleft()
 
     def credit_due(self, force: bool = False) -> int:
         """Frames to credit now (at least ``_CREDIT_EVERY``, or any with ``force``)."""
@@ -129,6 +132,20 @@ class _StreamBase:
         self._timeout = timeout
         self._on_error = on_error
         self._closed = False
+        self._items: Iterator[Any] = iter(())  # the rest of the frame being handed out
+        self._frame_size = 0  # its items
+
+    def _take_frame(self) -> Any:
+        """The first item of the next frame if it is there (``_NONE`` if not), the
+        last one credited once all its items are handed out."""
+        taken, self._frame_size = self._frame_size, 0
+        frame = self._call.take_frame(taken)
+        if frame is None:
+            return _NONE
+        self._credit()
+        self._frame_size = len(frame)
+        items = self._items = iter(frame)
+        return next(items)  # a frame has items
 
     def _credit(self, force: bool = False) -> None:
         frames = self._call.credit_due(force)
@@ -137,6 +154,7 @@ class _StreamBase:
 
     def close(self) -> None:
         """Stop the stream: the server closes the generator (its ``finally`` runs)."""
+        self._items = iter(())
         if self._closed:
             return
         self._closed = True
@@ -167,17 +185,28 @@ class _StreamBase:
 
 
 class RemoteIterator(_StreamBase, Iterator[Any]):
-    """The iterator a generator method returns through a proxy."""
+    """The iterator a generator method returns through a proxy.
+
+    It hands out one frame's items from a plain iterator over them, and takes the
+    next frame (crediting the last) only when that runs out."""
 
     def __iter__(self) -> RemoteIterator:
         return self
 
     def __next__(self) -> Any:
+        item = next(self._items, _NONE)
+        if item is not _NONE:
+            return item
+        return self._next_frame()
+
+    def _next_frame(self) -> Any:
+        """The first item of the next frame, once it comes (or the stream's end)."""
+        if self._closed:  # closed by the consumer: nothing more, as with a generator
+            raise StopIteration
         call = self._call
         while True:
-            got, item = call.take()
-            if got:
-                self._credit()
+            item = self._take_frame()
+            if item is not _NONE:
                 return item
             if call.ended or self._closed:
                 self._end()
@@ -225,11 +254,15 @@ class RemoteAsyncIterator(_StreamBase, AsyncIterator[Any]):
 
         from ._aio import wait_async
 
+        item = next(self._items, _NONE)
+        if item is not _NONE:
+            return item
+        if self._closed:
+            raise StopAsyncIteration
         call = self._call
         while True:
-            got, item = call.take()
-            if got:
-                self._credit()
+            item = self._take_frame()
+            if item is not _NONE:
                 return item
             if call.ended or self._closed:
                 self._end()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Generator
+from itertools import islice
 from typing import Any
 
 from ._errors import SerializationError
@@ -35,6 +36,8 @@ WINDOW_BYTES = 4 << 20
 BATCH_BYTES = 64 << 10
 #: ... or once making it took this long.
 BATCH_SECONDS = 0.001
+#: Items drawn from a generator at once, at most, between two checks of those bounds.
+_DRAW_MOST = 32
 
 
 class _Stream:
@@ -103,22 +106,31 @@ class Streams:
         room = min(BATCH_ITEMS, WINDOW_ITEMS - stream.items_out)
         deadline = time.perf_counter() + BATCH_SECONDS
         size = 0
-        while len(batch) < room:
-            try:
-                item = next(stream.generator)
-            except StopIteration:
-                ended = (True, None)
-                break
-            except BaseException as exc:  # the generator raised: the stream ends with it
-                ended = (False, exc)
-                break
-            batch.append(item)
-            size += _rough_size(item)
-            # Nothing in flight: the consumer waits, so this item goes now (the next
-            # step may take long). With frames in flight, the consumer has work, and
-            # items wait a moment for others to share their frame.
-            if not stream.items_out or size >= BATCH_BYTES or time.perf_counter() >= deadline:
-                break
+        # Nothing in flight: the consumer waits, so the first item goes alone at once
+        # (the next step may take long). With frames in flight, the consumer has work,
+        # and items wait a moment for others to share their frame.
+        alone = not stream.items_out
+        step = 1
+        try:
+            while True:
+                # Small items are drawn a few at a time, in C; a big one ends the batch.
+                before = len(batch)
+                batch.extend(islice(stream.generator, step))
+                drawn = len(batch) - before
+                if drawn < step:  # the generator returned
+                    ended = (True, None)
+                    break
+                size += drawn * _rough_size(batch[-1])
+                if (
+                    alone
+                    or len(batch) >= room
+                    or size >= BATCH_BYTES
+                    or time.perf_counter() >= deadline
+                ):
+                    break
+                step = min(step * 2, _DRAW_MOST, room - len(batch))
+        except BaseException as exc:  # the generator raised: the stream ends with it
+            ended = (False, exc)
         protocol = stream.channel.protocol
         if batch:
             try:

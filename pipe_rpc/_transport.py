@@ -538,7 +538,9 @@ class Transport:
                 return
             if not got:
                 raise PeerGone("end of file")
-            if got < _READ_SIZE and reader.read_target() is None:
+            if reader.read_target() is None and (got < _READ_SIZE or target is not None):
+                # A short read, or a big frame just completed: it is decoded before more
+                # is read, so that its buffer is free again for the next big frame.
                 return
 
     def take(self) -> list[Body]:

@@ -33,6 +33,12 @@ class Streamer:
         finally:
             self.closed += 1
 
+    def same(self, size: int) -> Generator[bytes, None, None]:
+        """One ``bytes`` of ``size``, again and again, as fast as it is taken."""
+        blob = os.urandom(size)
+        while True:
+            yield blob
+
     def fails_after(self, n: int) -> Iterator[int]:
         yield from range(n)
         raise CustomError(n, "stream")
