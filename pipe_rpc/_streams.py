@@ -31,7 +31,7 @@ WINDOW_ITEMS = 1024
 #: At most this many items in one frame.
 BATCH_ITEMS = 256
 #: At most this many bytes of items sent and not yet taken by the consumer.
-WINDOW_BYTES = 4 << 20
+WINDOW_BYTES = 512 << 10
 #: A batch ends once its pickled items reach this size...
 BATCH_BYTES = 64 << 10
 #: ... or once making it took this long.
