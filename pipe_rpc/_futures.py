@@ -32,9 +32,9 @@ _LINGER = 0.25
 _GRACE = 0.002
 
 #: A future's states (``concurrent.futures``' own strings).
-_FINISHED, _CANCELLED = "FINISHED", "CANCELLED"
-_OVER = frozenset({_FINISHED, _CANCELLED, "CANCELLED_AND_NOTIFIED"})
-_CANCELLED_STATES = frozenset({_CANCELLED, "CANCELLED_AND_NOTIFIED"})
+_FINISHED, _CANCELLED, _NOTIFIED = "FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"
+_OVER = frozenset({_FINISHED, _CANCELLED, _NOTIFIED})
+_CANCELLED_STATES = frozenset({_CANCELLED, _NOTIFIED})
 
 #: Where ``CallFuture._tell`` has got to: notify, count, then the hooks from ``_HOOKS`` on.
 _NOTIFY, _LATENCY, _KIND, _ENDED, _HOOKS = range(5)
@@ -178,12 +178,19 @@ class CallFuture(Future[Any]):
         if told == _NOTIFY:
             condition = self._condition
             with condition._lock:  # type: ignore[attr-defined]
-                if self._state == _FINISHED:  # (a cancel tells them nothing, as ``Future``'s)
+                if self._state == _FINISHED:
                     for waiter in self._waiters:  # ``concurrent.futures.wait()``'s
                         if self._exception is None:
                             waiter.add_result(self)
                         else:
                             waiter.add_exception(self)
+                elif self._state in _CANCELLED_STATES:  # again, if an interrupt cut it
+                    # What an executor's ``set_running_or_notify_cancel`` does for its
+                    # futures: no executor runs this one, and ``wait()`` and
+                    # ``as_completed`` count a cancelled future as done only once notified.
+                    self._state = _NOTIFIED
+                    for waiter in self._waiters:
+                        waiter.add_cancelled(self)
                 if condition._waiters:  # type: ignore[attr-defined]  # threads in ``wait()``
                     condition.notify_all()
             self._told = told = _LATENCY

@@ -7,6 +7,7 @@ in a test has a deadline (``asyncio.wait_for`` or a future's ``result(timeout)``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import threading
@@ -350,3 +351,26 @@ def test_results_waited_on_from_many_threads_each_get_their_own() -> None:
             thread.join(SETTLE)
         assert not any(thread.is_alive() for thread in threads)
         assert errors == []
+
+
+def test_a_cancelled_future_is_done_for_wait_and_as_completed() -> None:
+    """``concurrent.futures.wait`` and ``as_completed`` count a future as done once it
+    is cancelled and notified: a cancelled call's future must not leave them waiting
+    (for their whole timeout, or for ever without one), whether they began waiting
+    before the cancel or after it."""
+    with pipe_rpc.spawn(CalcService, start_method="forkserver") as calc:
+        before = pipe_rpc.submit(calc.sleep_then_return, 2, "late")
+        waiting: list[Any] = []
+        waiter = threading.Thread(target=lambda: waiting.append(wait([before], timeout=SETTLE)))
+        waiter.start()
+        wait_until(lambda: bool(before._waiters), "wait() to be waiting")
+        t0 = time.monotonic()
+        assert before.cancel()
+        waiter.join(SETTLE)
+        assert waiting
+        assert before in waiting[0].done
+        after = pipe_rpc.submit(calc.sleep_then_return, 2, "late")
+        assert after.cancel()
+        assert wait([after], timeout=SETTLE).done == {after}
+        assert list(concurrent.futures.as_completed([after], timeout=SETTLE)) == [after]
+        assert time.monotonic() - t0 < SETTLE  # not their timeouts
