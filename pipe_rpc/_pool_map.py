@@ -64,7 +64,7 @@ _MAP_WINDOW = 2
 #: How much of a child's time one chunk is sized to take, in nanoseconds.
 _CHUNK_WORK = 1_000_000
 #: The most items in one chunk.
-_MAX_CHUNK = 4096
+_MAX_CHUNK = 16384
 
 #: Iterators that cannot raise: drawn from without ``_guarded``'s generator.
 _SAFE_ITERATORS: set[type] = {

@@ -236,11 +236,11 @@ def test_a_segfault_mid_map_of_quick_items_fails_only_items_of_that_childs_chunk
     child had not answered, and no other; every other item has its result, in place."""
     pool = pipe_rpc.pool(Worker, size=2, start_method=method)
     pools.append(pool)
-    items = [*range(10_000), -1, *range(10_000, 20_000)]
+    items = [*range(50_000), -1, *range(50_000, 100_000)]
     results = pool.map(pool.proxy.parse, items, chunksize="auto")
     outcomes = _map_outcomes(results, len(items))
     died = [i for i, outcome in enumerate(outcomes) if outcome == f"died: {-signal.SIGSEGV}"]
-    assert 10_000 in died  # the crash's own item
+    assert 50_000 in died  # the crash's own item
     assert len(died) <= 2 * _MAX_CHUNK  # its chunk, and the one waiting behind it
     for i, (x, outcome) in enumerate(zip(items, outcomes, strict=True)):
         assert i in died or outcome == 2 * x
