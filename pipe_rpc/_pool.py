@@ -60,7 +60,7 @@ from ._liveness import check_owner, fork_generation
 from ._messages import Kind
 from ._options import OnTimeout, StartMethod, server_options
 from ._pool_children import Lease, _Worker
-from ._pool_map import MapResults
+from ._pool_map import Map, map_results
 from ._pool_streams import PoolAsyncStream, PoolStream
 from ._pool_workers import Workers, default_size
 from ._process import Server
@@ -289,7 +289,7 @@ class Pool(Generic[T]):
             isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
         ):
             raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
-        return MapResults(self, name, timeout, iter(iterable), ordered, chunksize)
+        return map_results(Map(self, name, timeout, iter(iterable), ordered, chunksize))
 
     def broadcast(self, method: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         """Call ``method`` (a method of ``proxy``) on every running child, one after the

@@ -9,14 +9,14 @@ its pipe; for a chunk, half a millisecond at a time, sending the next chunks to 
 children that answered meanwhile); as they complete, it waits for the first future
 done, completed by each connection's ``submit`` thread.
 
-Handing out (``MapResults``). A ``for`` loop over the map takes each result in C,
-from an ``itertools.chain`` over each call's results; Python runs once per call,
-between them. Interrupts: the items drawn wait in ``_unsent`` until their call is in
-``_flight``, a call leaves ``_flight`` only after its results are queued for the
-chain (by the next step), and an item's error is raised with no landing point
-between taking it and raising it. So an interrupt anywhere loses no item and hands
-none out twice; one landing while a call is being sent ends that call, whose items
-raise it in their place.
+Handing out (``MapResults``). The results are an ``itertools.chain`` over each
+call's results, so ``next()`` and a ``for`` loop take each one in C; Python runs
+once per call, between them (``Map``'s steps). Interrupts: the items drawn wait
+in ``_unsent`` until their call is in ``_flight``, a call leaves ``_flight`` only
+after its results are queued for the chain (by the next step), and an item's
+error is raised with no landing point between taking it and raising it. So an
+interrupt anywhere loses no item and hands none out twice; one landing while a call
+is being sent ends that call, whose items raise it in their place.
 
 Chunks (``_chunks``). A call costs the parent far more than a tiny item costs the
 child, so with ``chunksize`` many quick items go to one call. With ``"auto"``, the
@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from itertools import chain, islice
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
 from ._chunks import MAP, Outcomes, item_error, open_chunk
 from ._errors import ClientClosedError
@@ -135,15 +135,35 @@ def _its_outcome(future: Future[Any], error: BaseException) -> bool:
     return future.done() and not future.cancelled() and future.exception() is error
 
 
-class MapResults(Iterator[R]):
-    """The iterator ``Pool.map`` returns (see there).
+class MapResults(chain[R]):
+    """The iterator ``Pool.map`` returns (see there): an ``itertools.chain`` over the
+    batches its ``Map`` queues, so that ``next()`` and a ``for`` loop take each
+    result in C. Made by ``map_results``."""
 
-    Results are handed out by one ``itertools.chain`` over the batches queued in
-    ``_queue`` (a chunk's results, a single call's result), so a ``for`` loop takes
-    each item in C. After each batch comes a step (``_step``, called through a C
-    iterator) that waits for the next call and queues its batch and another step. A
-    step that raises (an item's error, an interrupt) stays in the chain and is called
-    again by the next ``next()``; the chain is never left holding an item."""
+    _map: Map
+
+    def close(self) -> None:
+        """Stop drawing items; calls in flight finish in their children, their results
+        dropped."""
+        self._map.close()
+
+
+def map_results(state: Map) -> MapResults[Any]:
+    """``Pool.map``'s results: a ``MapResults`` chained over ``state``'s queue."""
+    results = cast(MapResults[Any], MapResults.from_iterable(iter(state.queue.popleft, None)))
+    results._map = state  # the chain holds the map only through its steps
+    return results
+
+
+class Map:
+    """A map's state and its steps.
+
+    The results are handed out by one ``itertools.chain`` (``MapResults``) over the
+    batches queued in ``queue`` (a chunk's results, a single call's result). After
+    each batch comes a step (``_step``, called through a C iterator) that waits for
+    the next call and queues its batch and another step. A step that raises (an
+    item's error, an interrupt) stays in the chain and is called again by the next
+    ``next()``; the chain is never left holding an item."""
 
     def __init__(
         self,
@@ -173,15 +193,8 @@ class MapResults(Iterator[R]):
         #: Items per call: 0 for single calls, decided before the first is sent.
         self._chunk: int | None = 0 if chunksize == 1 else None
         #: The chain's next iterators: a batch, then a step; ``None`` ends the chain.
-        self._queue: deque[Iterator[Any] | None] = deque([iter(self._step, _END)])
+        self.queue: deque[Iterator[Any] | None] = deque([iter(self._step, _END)])
         self._batch: list[_Part] = []  # the parts last queued, emptied by ``close()``
-        self._chain: Iterator[R] = chain.from_iterable(iter(self._queue.popleft, None))
-
-    def __iter__(self) -> Iterator[R]:
-        return self._chain
-
-    def __next__(self) -> R:
-        return next(self._chain)
 
     def _step(self, prev: object = None) -> Any:
         """Wait for the next call's answer and queue its results (the chain's next
@@ -190,7 +203,7 @@ class MapResults(Iterator[R]):
         ``prev`` is the call (or the source's error) the step before queued, which only
         now leaves the calls in flight: an interrupt anywhere in between can neither
         drop a batch nor queue it twice. A step an interrupt ended runs again."""
-        queue = self._queue
+        queue = self.queue
         if prev is not None:
             self._hand(prev)
         if queue:  # queued before an interrupt ended this step: go on to it
@@ -263,7 +276,7 @@ class MapResults(Iterator[R]):
         iterators = [
             iter(part) if isinstance(part, list) else iter(part.__next__, _END) for part in parts
         ]
-        self._queue.extend([*iterators, iter(functools.partial(self._step, of), _END)])
+        self.queue.extend([*iterators, iter(functools.partial(self._step, of), _END)])
 
     def _hand(self, prev: object) -> None:
         """``prev``'s batch is queued: it leaves the calls in flight (or the error is
@@ -430,5 +443,5 @@ class MapResults(Iterator[R]):
                 part.clear()
             else:
                 part.error = None
-        self._queue.clear()
-        self._queue.append(None)
+        self.queue.clear()
+        self.queue.append(None)

@@ -301,8 +301,9 @@ def _sweep_pool(pool: pipe_rpc.Pool[Worker], call: Callable[[], Any]) -> int:
     for at in range(1, points + 1):
         fired += _interrupt_at(at, call)[0]
         _assert_pool_settles(pool, at)
-    # A submitted call's path varies more: its done callback runs as it is added, or not.
-    assert fired > points * 0.75
+    # A submitted call's path varies more: its done callback runs as it is added, or
+    # not, and a map's waits loop more or less often (under load, a third fewer).
+    assert fired > points * 0.5
     return points
 
 

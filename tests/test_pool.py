@@ -377,6 +377,12 @@ def test_map_ordered_and_unordered(method: StartMethod, pools: list[pipe_rpc.Poo
     assert list(pool.map(pool.proxy.square, items)) == [x * x for x in items]
     assert sorted(pool.map(pool.proxy.square, items, ordered=False)) == [x * x for x in items]
     assert list(pool.map(pool.proxy.square, [])) == []
+    results = pool.map(pool.proxy.square, items, chunksize="auto")
+    assert iter(results) is results  # an iterator, as a generator is
+    assert next(results) == 0
+    assert list(results) == [x * x for x in items[1:]]
+    with pytest.raises(StopIteration):
+        next(results)
 
 
 def test_map_keeps_max_concurrency_calls_in_each_child(
