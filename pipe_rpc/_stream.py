@@ -5,9 +5,9 @@ A stream is one call that gets many replies: ``Items`` frames, then the call's
 like any call, and takes each frame of items as it comes (a frame handed out
 twice after an interrupt is recognised by its sequence number). Its waiters see
 ``done`` whenever there is something to take; the consumer clears it when it
-has taken everything. The iterator takes a frame whole and hands its items out
-from a plain iterator over them (in C); when they run out, it takes the next
-frame and credits the last back to the server (see ``_streams`` for the window).
+has taken everything. The iterator takes a frame whole, credits it back to the
+server as it takes it (see ``_streams`` for the window), and hands its items out
+from a plain iterator over them (in C).
 Closing the iterator early, or dropping it, cancels the stream: the server
 closes the generator, and anything still on its way is dropped.
 """
@@ -86,18 +86,19 @@ class StreamCall(PendingCall):
         if waiter is not None:
             waiter.wake()
 
-    def take_frame(self, taken: int) -> deque[Any] | None:
-        """The next frame's items, whole, or ``None`` when nothing is there right now;
-        ``taken``: how many items of the last frame taken were handed out (all, or
-        fewer if the stream was closed meanwhile), which counts that frame as taken."""
+    def take_frame(self) -> deque[Any] | None:
+        """The next frame's items, whole, or ``None`` when nothing is there right now.
+        The frame is counted as taken (and due for credit) as it leaves: an interrupt
+        before its items are handed out loses them, never the window's room."""
         with self.lock:
-            if taken:
-                self.taken += taken
-                self.untaken_frames += 1
             if not self.frames:
                 if not self.ended:
                     self.done = False  # the next feed wakes the consumer
                 return None
+            # Counted first: a signal handler may run as any C call returns, lock or
+            # not, and from the count to the pop there is none but the pop.
+            self.taken += len(self.frames[0])
+            self.untaken_frames += 1
             return self.frames.popleft()
 
     def credit_due(self, force: bool = False) -> int:
@@ -133,17 +134,14 @@ class _StreamBase:
         self._on_error = on_error
         self._closed = False
         self._items: Iterator[Any] = iter(())  # the rest of the frame being handed out
-        self._frame_size = 0  # its items
 
     def _take_frame(self) -> Any:
-        """The first item of the next frame if it is there (``_NONE`` if not), the
-        last one credited once all its items are handed out."""
-        taken, self._frame_size = self._frame_size, 0
-        frame = self._call.take_frame(taken)
+        """The first item of the next frame if it is there (``_NONE`` if not); the
+        frame is credited as it is taken."""
+        frame = self._call.take_frame()
         if frame is None:
             return _NONE
         self._credit()
-        self._frame_size = len(frame)
         items = self._items = iter(frame)
         return next(items)  # a frame has items
 
@@ -188,7 +186,7 @@ class RemoteIterator(_StreamBase, Iterator[Any]):
     """The iterator a generator method returns through a proxy.
 
     It hands out one frame's items from a plain iterator over them, and takes the
-    next frame (crediting the last) only when that runs out."""
+    next frame (crediting it) only when that runs out."""
 
     def __iter__(self) -> RemoteIterator:
         return self

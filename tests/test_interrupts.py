@@ -727,3 +727,29 @@ def test_an_interrupt_at_any_landing_point_of_a_map_drops_no_result_and_repeats_
             assert kept == [v for i, v in enumerate(expected) if i not in lost], f"landing {at}"
             _assert_pool_settles(pool, at)
     assert ended < points / 2  # most landings end no call
+
+
+def test_an_interrupt_at_any_landing_point_of_a_stream_keeps_its_window_whole() -> None:
+    """A stream's frame is counted as taken, and due for credit, in the same locked
+    step that takes it: wherever an interrupt lands, every item that came is counted
+    or still waits in its frame (a frame lost uncounted would shrink the child's
+    window for good, and a few of them would stall the stream)."""
+    server = pipe_rpc.spawn(Worker, start_method="forkserver", timeout=SETTLE)
+    with server:
+        proxy = server.proxy
+
+        def consume(items: Iterator[int]) -> None:
+            for _ in items:
+                pass
+
+        points = _landings(lambda: consume(proxy.count(600)))  # three frames or more
+        assert points > 600
+        for at in range(1, points + 1):
+            items = proxy.count(600)
+            _interrupt_at(at, lambda: consume(items))  # noqa: B023
+            consume(items)  # the rest (nothing, if the interrupt closed the stream)
+            call = items._call  # type: ignore[attr-defined]
+            # Every item that came is counted taken, or still waits in its frame.
+            waiting = sum(len(frame) for frame in call.frames)
+            assert call.taken + waiting == call.received, f"landing {at}"
+        assert proxy.square(3) == 9
