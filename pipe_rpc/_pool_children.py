@@ -62,13 +62,14 @@ class _Worker:
 class _Slot:
     """A place in the pool: its worker, or when to start one again."""
 
-    __slots__ = ("due", "failures", "index", "worker")
+    __slots__ = ("due", "failures", "index", "launching", "worker")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.worker: _Worker | None = None
         self.failures = 0  # starts that failed in a row
         self.due = 0.0  # when to launch, while it has no worker
+        self.launching = False  # out of ``_waiting``, its process being started
 
 
 class Lease:
@@ -173,9 +174,37 @@ class Children:
         with self._lock:
             if not self.closed:
                 slot.worker = worker
+                slot.launching = False
                 self._starting.append(worker)
+                self._cond.notify_all()
                 return
+            slot.launching = False
         server.close(1.0)
+
+    def _launch_all(self, launch: list[_Slot]) -> None:
+        """Launch ``launch`` in order; any slot left by an exception waits again."""
+        try:
+            while launch:
+                self._launch(launch[0])
+                del launch[0]
+        finally:
+            with self._lock:
+                for slot in launch:
+                    if slot.launching and slot.worker is None:
+                        slot.launching = False
+                        if not self.closed:
+                            self._waiting.append(slot)
+                self._cond.notify_all()
+
+    def wait_launches(self, timeout: float) -> None:
+        """Under the lock: wait (up to ``timeout``) while another thread starts a slot's
+        process, so a replacement being launched is counted as starting."""
+        deadline = time.monotonic() + timeout
+        while any(slot.launching for slot in self.slots):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _greet_later(self, worker: _Worker) -> None:
         """Read the hello of a replacement that has answered (or is out of time)."""
@@ -208,6 +237,7 @@ class Children:
             if worker is not None:
                 self._starting.remove(worker)
             slot.worker = None
+            slot.launching = False
             delay = min(_FIRST_BACKOFF * 2**slot.failures, _MAX_BACKOFF)
             slot.failures += 1
             slot.due = time.monotonic() + delay
@@ -238,13 +268,13 @@ class Children:
             launch = [slot for slot in self._waiting if slot.due <= now]
             for slot in launch:
                 self._waiting.remove(slot)
+                slot.launching = True
             drained, self._drained = self._drained, []
             starters = [worker for worker in self._starting if not worker.greeting]
         for worker in drained:  # counted first: while it closes, stats() no longer sees it
             self.retired.absorb(worker.server._counters)
             worker.server.close(1.0)
-        for slot in launch:
-            self._launch(slot)
+        self._launch_all(launch)
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]
         looked = not answered and look > 0 and bool(starters)
         if looked and starters[0].server._answered(look):
@@ -269,6 +299,7 @@ class Children:
             workers += [*self._retiring, *self._drained]
             for slot in self.slots:
                 slot.worker = None
+                slot.launching = False
             self._ready.clear()
             self._starting.clear()
             self._waiting.clear()

@@ -275,4 +275,5 @@ class Workers(Children):
 
     def pids(self) -> list[int]:
         with self._lock:
+            self.wait_launches(5.0)
             return [slot.worker.pid for slot in self.slots if slot.worker is not None]

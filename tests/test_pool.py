@@ -202,6 +202,41 @@ def test_a_crash_fails_only_its_call_and_the_child_is_replaced(
     assert set(pool.broadcast(pool.proxy.pid)) == set(after)
 
 
+def test_a_replacement_being_launched_in_another_thread_is_in_pids(
+    pools: list[pipe_rpc.Pool[Worker]],
+) -> None:
+    """A thread that saw the death starts the replacement; ``pids`` read meanwhile in
+    another thread waits for that start instead of showing the pool a child short."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver")
+    pools.append(pool)
+    children = pool._workers
+    make = children._make
+    launching, go = threading.Event(), threading.Event()
+
+    def held_make() -> pipe_rpc.Server[Worker]:
+        launching.set()
+        assert go.wait(SETTLE)
+        return make()
+
+    children._make = held_make
+    victim = pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: gone(victim), "the victim to end")
+    noticing = threading.Thread(target=lambda: pool.pids)
+    noticing.start()
+    assert launching.wait(SETTLE)
+    seen: list[list[int]] = []
+    reader = threading.Thread(target=lambda: seen.append(pool.pids))
+    reader.start()
+    reader.join(0.2)  # it waits for the launch (the check below fails if it did not)
+    go.set()
+    reader.join(SETTLE)
+    noticing.join(SETTLE)
+    (pids,) = seen
+    assert len(pids) == 2
+    assert victim not in pids
+
+
 def _map_outcomes(results: Iterator[int], count: int) -> list[int | str]:
     outcomes: list[int | str] = []
     for _ in range(count):
