@@ -164,7 +164,8 @@ class Connection(Calling):
         counters = self.counters
         if counters is None:
             return self._call(method, args, kwargs, timeout)
-        counts = counters.of(method)  # ``Counters.begin`` and ``end``, written out
+        # ``Counters.begin`` and ``end``, written out
+        counts = counters._methods.get(method) or counters.of(method)
         next(counts.started)
         started = perf_counter_ns()
         try:

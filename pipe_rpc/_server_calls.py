@@ -29,7 +29,7 @@ from ._errors import (
 )
 from ._liveness import GENERATION, check_owner, fork_generation
 from ._messages import Kind
-from ._proxy import fresh_error
+from ._proxy import DEFAULT, fresh_error
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -96,8 +96,10 @@ class ServerCalls:
         if self._generation != GENERATION[0]:  # ``_child_for_call``, written out
             check_owner(self._generation, "server")
         child = self._current()
+        if timeout is DEFAULT:  # ``Client.invoke``, written out
+            timeout = child.client.timeout
         try:
-            return child.client.invoke(method, args, kwargs, timeout)
+            return child.core.call(method, args, kwargs, timeout)
         except (CallTimeoutError, ProtocolError) as exc:
             self._failed(child, exc, method)
             raise
