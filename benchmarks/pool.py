@@ -149,6 +149,40 @@ def _tiny_rows(s: Settings, section: Section) -> dict[str, list[float]]:
     return rates
 
 
+def _burn_share(ready: Any, go: Any, count: int, ms: float) -> None:
+    """One plain process's share of the CPU-bound work (the floor row)."""
+    ready.set()
+    go.wait()
+    for _ in range(count):
+        burn(ms)
+
+
+def _plain_processes(size: int, tasks: int, ms: float) -> float:
+    """Seconds for ``size`` plain processes, started beforehand, to burn ``tasks``
+    tasks of ``ms`` between them: no pool, no messages; what this machine allows."""
+    ctx = mp.get_context("forkserver")
+    go = ctx.Event()
+    readies = [ctx.Event() for _ in range(size)]
+    procs = [
+        ctx.Process(target=_burn_share, args=(ready, go, tasks // size, ms)) for ready in readies
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for ready in readies:
+            ready.wait(60)
+        t0 = time.perf_counter()
+        go.set()
+        for proc in procs:
+            proc.join(120)
+        return time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
 def _cpu_rows(s: Settings, section: Section) -> dict[str, list[float]]:
     import pipe_rpc
 
@@ -158,7 +192,11 @@ def _cpu_rows(s: Settings, section: Section) -> dict[str, list[float]]:
     rounds = 1 if s.quick else 3
     say(f"  pool: {tasks} CPU-bound tasks of {ms} ms on {size} children")
     ideal = tasks * ms / 1000 / size
-    walls: dict[str, list[float]] = {"pipe_rpc pool.map": [], "ProcessPoolExecutor.map": []}
+    walls: dict[str, list[float]] = {
+        "pipe_rpc pool.map": [],
+        "ProcessPoolExecutor.map": [],
+        "plain processes, no pool (the floor)": [],
+    }
     pool = pipe_rpc.pool(PoolService, size=size)
     executor = ProcessPoolExecutor(size)
     try:
@@ -171,19 +209,24 @@ def _cpu_rows(s: Settings, section: Section) -> dict[str, list[float]]:
             walls["ProcessPoolExecutor.map"].append(
                 _timed(lambda: _drain(executor.map(burn, [ms] * tasks)))
             )
+            walls["plain processes, no pool (the floor)"].append(_plain_processes(size, tasks, ms))
     finally:
         pool.close()
         executor.shutdown()
+    least = med(walls["plain processes, no pool (the floor)"]) or ideal
     for name, values in walls.items():
-        wall = med(values)
+        wall = med(values) or 0.0
         section.rows.append(
             [
                 f"{name}: {tasks} tasks x {ms:.0f} ms, size {size}",
-                "s (x ideal)",
-                f"{fmt(wall, 2)} ({fmt((wall or 0) / ideal, 2)})",
+                "s (x ideal, x floor)",
+                f"{fmt(wall, 2)} ({fmt(wall / ideal, 2)}, {fmt(wall / least, 2)})",
             ]
         )
-    section.notes.append(f"ideal = total CPU time / cores = {ideal:.2f} s")
+    section.notes.append(
+        f"ideal = total CPU time / cores = {ideal:.2f} s; the floor is {size} plain"
+        " processes burning the same tasks with no pool and no messages"
+    )
     return walls
 
 
