@@ -25,9 +25,10 @@ the same C call that moves it (``list.extend(map(os.read, ...))``, which costs
 about a microsecond a call more than a plain ``os.read``). A transport only
 other threads use (a side channel), or whose loop an interrupt ends anyway (a
 server's), is not guarded. Every write records the frame it is writing before
-its first byte goes. A frame whose writer was interrupted is
-finished by the next write on the transport (or dropped, if none of it went),
-so the stream stays framed. The descriptor's mode is fixed: non-blocking.
+its first byte goes, except one that goes whole or not at all (on Linux, a
+frame of up to 1 KiB), which an interrupt cannot cut. A frame whose writer was
+interrupted is finished by the next write on the transport (or dropped, if
+none of it went), so the stream stays framed. The descriptor's mode is fixed: non-blocking.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import errno
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -46,6 +48,11 @@ from ._wire import LENGTH, Body, Buffer, FrameReader
 
 _READ_SIZE = 1 << 16
 _READ_ARGS = (_READ_SIZE,)  # ``map``'s argument, made once
+#: On Linux a write of at most ``_SMALL_WRITE`` bytes to a Unix stream socket (one
+#: buffer of the kernel's; the smallest send buffer holds two) or to a pipe (at most
+#: ``PIPE_BUF``) goes whole or not at all, so an interrupt cannot leave it half sent.
+_WHOLE_SMALL_WRITES = sys.platform == "linux"
+_SMALL_WRITE = 1024
 #: Segments in one ``writev`` (the system's bound is 1024; more gains nothing).
 _IOV_MAX = 64
 _IN = select.POLLIN | select.POLLPRI
@@ -291,7 +298,9 @@ class Transport:
         self._sent_ns = _clock()
         if len(segments) == 1 and not fds:  # the hot path: a joined frame, most often whole
             data = segments[0]
-            if self.guarded:
+            if self.guarded and not (
+                _WHOLE_SMALL_WRITES and len(data) <= _SMALL_WRITE  # type: ignore[arg-type]
+            ):
                 counts: list[int] = []
                 self._counts = counts
                 self._out = segments  # before the first byte: an interrupt leaves it queued
@@ -304,7 +313,7 @@ class Transport:
                     pass
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise PeerGone(str(exc)) from exc
-            else:  # no signal handler runs here: nothing to record before the write
+            else:  # no signal handler runs here, or the write goes whole or not at all
                 try:
                     written = os.write(self.fd, data)
                 except BlockingIOError:
