@@ -164,8 +164,7 @@ class Connection(Calling):
         counters = self.counters
         if counters is None:
             return self._call(method, args, kwargs, timeout)
-        # ``Counters.begin`` and ``end``, written out
-        counts = counters._methods.get(method) or counters.of(method)
+        counts = counters.of(method)  # ``Counters.begin`` and ``end``, written out
         next(counts.started)
         started = perf_counter_ns()
         try:
