@@ -181,20 +181,15 @@ class Children:
             slot.launching = False
         server.close(1.0)
 
-    def _launch_all(self, launch: list[_Slot]) -> None:
-        """Launch ``launch`` in order; any slot left by an exception waits again."""
-        try:
-            while launch:
-                self._launch(launch[0])
-                del launch[0]
-        finally:
-            with self._lock:
-                for slot in launch:
-                    if slot.launching and slot.worker is None:
-                        slot.launching = False
-                        if not self.closed:
-                            self._waiting.append(slot)
-                self._cond.notify_all()
+    def _launch_later(self, launch: list[_Slot]) -> None:
+        """The slots of ``launch`` an exception kept from launching wait again."""
+        with self._lock:
+            for slot in launch:
+                if slot.launching:
+                    slot.launching = False
+                    if not self.closed and slot.worker is None and slot not in self._waiting:
+                        self._waiting.append(slot)
+            self._cond.notify_all()
 
     def wait_launches(self, timeout: float) -> None:
         """Under the lock: wait (up to ``timeout``) while another thread starts a slot's
@@ -262,19 +257,27 @@ class Children:
         if not (self._waiting or self._starting or self._drained):
             return False
         now = time.monotonic()
-        with self._lock:
-            if self.closed:
-                return False
-            launch = [slot for slot in self._waiting if slot.due <= now]
-            for slot in launch:
-                self._waiting.remove(slot)
-                slot.launching = True
+        launch: list[_Slot] = []
+        try:  # from before a slot is marked to its launch: any left go back to waiting
+            with self._lock:
+                if self.closed:
+                    return False
+                launch = [slot for slot in self._waiting if slot.due <= now]
+                for slot in launch:
+                    slot.launching = True  # marked before it leaves ``_waiting``
+                self._waiting = [slot for slot in self._waiting if not slot.launching]
+                starters = [worker for worker in self._starting if not worker.greeting]
+            while launch:
+                self._launch(launch[0])
+                del launch[0]
+        finally:
+            if launch:
+                self._launch_later(launch)
+        with self._lock:  # taken after the launches, which an exception may end
             drained, self._drained = self._drained, []
-            starters = [worker for worker in self._starting if not worker.greeting]
         for worker in drained:  # counted first: while it closes, stats() no longer sees it
             self.retired.absorb(worker.server._counters)
             worker.server.close(1.0)
-        self._launch_all(launch)
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]
         looked = not answered and look > 0 and bool(starters)
         if looked and starters[0].server._answered(look):

@@ -307,6 +307,72 @@ def _sweep_pool(pool: pipe_rpc.Pool[Worker], call: Callable[[], Any]) -> int:
     return points
 
 
+class _LaunchLanding(_Landing):
+    """``_Landing`` counting only the landing points in ``_pool_children``, where a
+    dead child's slot is marked, launched and greeted (a process's start itself, in
+    ``multiprocessing``, is left out: hundreds of points, none of the pool's)."""
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if frame.f_code.co_filename.endswith("_pool_children.py"):
+            super().__call__(frame, event, arg)
+
+
+def _whole(pool: pipe_rpc.Pool[Worker]) -> bool:
+    """Both children run and answer (none is still starting)."""
+    return len(pool.pids) == 2 and len(set(pool.broadcast(pool.proxy.pid))) == 2
+
+
+def _retire_one(pool: pipe_rpc.Pool[Worker]) -> None:
+    """Retire a child and close it here, as a death or recycling would and as the
+    next chores would: its slot waits for a replacement, which only the next
+    ``chores`` launches (no call is in flight, so no other thread runs them)."""
+    workers = pool._workers
+    worker = workers.ready_in_order()[0]
+    with workers._lock:
+        workers._retire(worker)
+        workers._drained.remove(worker)
+    worker.server.close(1.0)
+
+
+def test_an_interrupt_at_any_landing_point_of_a_replacements_launch_loses_no_slot() -> None:
+    """A waiting slot is marked as launching, taken out of the waiting list and
+    launched: wherever an interrupt lands, the slot ends launched or waiting again,
+    never marked for ever (``pids`` would wait on it) nor lost (the pool would stay a
+    child short)."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver", timeout=SETTLE)
+    with pool:
+        workers = pool._workers
+        _retire_one(pool)
+        counting = _LaunchLanding(at=-1)
+        _interrupt_with(counting, workers.chores)
+        points = counting.seen
+        assert points > 5
+        fired = 0
+        for at in range(1, points + 1):
+            wait_until(lambda: _whole(pool), "the pool to be whole")
+            _retire_one(pool)
+            hook = _LaunchLanding(at)
+            _interrupt_with(hook, workers.chores)
+            fired += hook.fired
+            wait_until(
+                lambda: not any(slot.launching for slot in workers.slots) and _whole(pool),
+                f"the slot interrupted at landing {at} to be launched again",
+            )
+        assert fired == points
+
+
+def _interrupt_with(hook: _Landing, call: Callable[[], Any]) -> None:
+    gc.disable()
+    sys.setprofile(hook)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+
+
 @pytest.fixture
 def worker_pool() -> Iterator[pipe_rpc.Pool[Worker]]:
     """Two children, one call at a time each: a child counted busy for ever is never
