@@ -348,8 +348,9 @@ class Pool(Generic[T]):
         workers = self._workers
         with workers._lock:
             live = [slot.worker for slot in workers.slots if slot.worker is not None]
-            # Retired but not yet closed: their counts are not in ``retired`` yet.
-            live += [*workers._retiring, *workers._drained]
+            # Retired but not yet closed: their counts are not in ``retired`` yet (unless
+            # an interrupt sent one back to be closed again).
+            live += [w for w in (*workers._retiring, *workers._drained) if not w.absorbed]
         stats = snapshot([workers.retired, *(worker.server._counters for worker in live)])
         # Each child is a server of its own, started once: the children beyond the
         # first ``size`` replaced others.

@@ -46,7 +46,17 @@ def _log() -> logging.Logger:
 class _Worker:
     """One child of the pool and its counters (guarded by the pool's lock)."""
 
-    __slots__ = ("deadline", "given", "greeting", "in_flight", "pid", "server", "slot", "state")
+    __slots__ = (
+        "absorbed",
+        "deadline",
+        "given",
+        "greeting",
+        "in_flight",
+        "pid",
+        "server",
+        "slot",
+        "state",
+    )
 
     def __init__(self, server: Server[Any], slot: _Slot, start_timeout: float | None) -> None:
         self.server = server
@@ -56,6 +66,7 @@ class _Worker:
         self.in_flight = 0
         self.given = 0  # calls given to it, counted when they are
         self.greeting = False  # a thread is reading its hello
+        self.absorbed = False  # its counts are in ``Children.retired``
         self.deadline = None if start_timeout is None else time.monotonic() + start_timeout
 
 
@@ -273,11 +284,23 @@ class Children:
         finally:
             if launch:
                 self._launch_later(launch)
-        with self._lock:  # taken after the launches, which an exception may end
-            drained, self._drained = self._drained, []
-        for worker in drained:  # counted first: while it closes, stats() no longer sees it
-            self.retired.absorb(worker.server._counters)
-            worker.server.close(1.0)
+        drained: list[_Worker] = []
+        try:  # from their taking to their close: any not closed go back, to be closed next
+            with self._lock:  # taken after the launches, which an exception may end
+                # An interrupted ``give_back`` may have left a drained worker in both.
+                self._retiring.difference_update(self._drained)
+                drained, self._drained = self._drained, []
+            while drained:
+                worker = drained[0]
+                if not worker.absorbed:  # first: while it closes, stats() no longer sees it
+                    self.retired.absorb(worker.server._counters)
+                    worker.absorbed = True
+                worker.server.close(1.0)
+                del drained[0]
+        finally:
+            if drained:
+                with self._lock:
+                    self._drained += drained
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]
         looked = not answered and look > 0 and bool(starters)
         if looked and starters[0].server._answered(look):

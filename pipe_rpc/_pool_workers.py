@@ -198,8 +198,10 @@ class Workers(Children):
             if dead or too_big:
                 self._retire(worker)
             elif not worker.in_flight and worker in self._retiring:
-                self._retiring.discard(worker)
+                # Drained before it leaves ``_retiring``: an interrupt between leaves it
+                # in both (the chores take it out of both), never in neither.
                 self._drained.append(worker)
+                self._retiring.discard(worker)
             self._cond.notify_all()
         self.chores()
 
@@ -224,20 +226,37 @@ class Workers(Children):
                 raise
 
     def _retire(self, worker: _Worker) -> None:
-        """Under the lock: ``worker`` takes no more calls, and its slot starts another."""
+        """Under the lock: ``worker`` takes no more calls, and its slot starts another.
+
+        An interrupt may land as any step's call returns (still under the lock): the
+        steps are then taken again, each skipped if it is done, so that the worker
+        never ends out of ``_ready`` but still in its slot (never replaced) or in
+        neither list of retired workers (never closed).
+        """
         if worker.state is not _READY:
             return
-        self._ready.remove(worker)
-        worker.state = _RETIRING
-        if worker.in_flight:
-            self._retiring.add(worker)  # closed when its last call is given back
-        else:
-            self._drained.append(worker)
+        try:
+            self._retire_steps(worker)
+        except BaseException:
+            self._retire_steps(worker)
+            raise
+
+    def _retire_steps(self, worker: _Worker) -> None:
+        """``_retire``'s steps; the worker leaves ``_READY`` with the last."""
+        if worker.state is not _READY:
+            return
+        if worker in self._ready:
+            self._ready.remove(worker)
         slot = worker.slot
         if slot.worker is worker:
             slot.worker = None
             slot.due = 0.0
             self._waiting.append(slot)
+        if worker.in_flight:
+            self._retiring.add(worker)  # closed when its last call is given back
+        elif worker not in self._drained:
+            self._drained.append(worker)
+        worker.state = _RETIRING
 
     def claim(self, worker: _Worker, lease: Lease) -> bool:
         """Count one call on this very worker (``broadcast``), if it is still ready, and

@@ -31,6 +31,7 @@ import pytest
 import pipe_rpc
 from pipe_rpc._connection import Connection
 from pipe_rpc._liveness import wait_exitcode
+from pipe_rpc._pool_children import Lease, _Worker
 from tests.calc_service import CalcService
 from tests.pool_services import Worker
 from tests.services import StartMethod
@@ -357,6 +358,102 @@ def test_an_interrupt_at_any_landing_point_of_a_replacements_launch_loses_no_slo
             wait_until(
                 lambda: not any(slot.launching for slot in workers.slots) and _whole(pool),
                 f"the slot interrupted at landing {at} to be launched again",
+            )
+        assert fired == points
+
+
+class _PoolLanding(_Landing):
+    """``_Landing`` counting only the landing points in the pool's own code of its
+    children: retiring one, giving a call back, the chores (``_LaunchLanding`` says
+    why a process's start is left out; so is a server's close)."""
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if frame.f_code.co_filename.endswith(("_pool_workers.py", "_pool_children.py")):
+            super().__call__(frame, event, arg)
+
+
+def _retired_and_closed(pool: pipe_rpc.Pool[Worker], worker: _Worker) -> bool:
+    """The pool is whole again, and ``worker``, retired, is closed and held nowhere."""
+    workers = pool._workers
+    return (
+        _whole(pool)
+        and worker.server._handle.closed
+        and worker not in workers._ready
+        and worker not in workers._retiring
+        and worker not in workers._drained
+        and all(slot.worker is not worker for slot in workers.slots)
+    )
+
+
+def test_an_interrupt_at_any_landing_point_of_retiring_a_dead_child_keeps_it_and_its_slot() -> None:
+    """A child killed while idle is retired by the next look for deaths: wherever an
+    interrupt lands in that look, its slot gets a new child and the dead one is
+    closed (before, one landing left it out of the ready list but in its slot, never
+    replaced, with the pool a child short for good)."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver", timeout=SETTLE)
+    with pool:
+        workers = pool._workers
+
+        def kill_one() -> _Worker:
+            worker = workers.ready_in_order()[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            wait_until(worker.server._ended, "the killed child to end")
+            return worker
+
+        counting = _PoolLanding(at=-1)
+        dead = kill_one()
+        _interrupt_with(counting, workers.notice_deaths)
+        points = counting.seen
+        assert points > 5
+        fired = 0
+        for at in range(1, points + 1):
+            wait_until(functools.partial(_retired_and_closed, pool, dead), "the pool to be whole")
+            dead = kill_one()
+            hook = _PoolLanding(at)
+            _interrupt_with(hook, workers.notice_deaths)
+            fired += hook.fired
+            wait_until(
+                functools.partial(_retired_and_closed, pool, dead),
+                f"the child interrupted at landing {at} to be replaced and closed",
+            )
+        assert fired == points
+
+
+def test_an_interrupt_at_any_landing_point_of_a_retired_childs_last_give_back_closes_it() -> None:
+    """A child retired with a call in flight is closed once that call is given back:
+    wherever an interrupt lands in the give-back (the caller's ``except`` gives it
+    back again, which does nothing if the first got through), the child is closed
+    (before, one landing left it in neither list of retired children, open for good)."""
+    pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver", timeout=SETTLE)
+    with pool:
+        workers = pool._workers
+
+        def retire_busy() -> tuple[_Worker, Lease]:
+            lease = Lease()
+            worker, _ = workers.take(lease, None)
+            with workers._lock:
+                workers._retire(worker)
+            assert worker in workers._retiring
+            return worker, lease
+
+        counting = _PoolLanding(at=-1)
+        retired, lease = retire_busy()
+        _interrupt_with(counting, functools.partial(workers.give_back, lease))
+        points = counting.seen
+        assert points > 5
+        fired = 0
+        for at in range(1, points + 1):
+            wait_until(
+                functools.partial(_retired_and_closed, pool, retired), "the pool to be whole"
+            )
+            retired, lease = retire_busy()
+            hook = _PoolLanding(at)
+            _interrupt_with(hook, functools.partial(workers.give_back, lease))
+            workers.give_back(lease)  # as the call's ``except`` would
+            fired += hook.fired
+            wait_until(
+                functools.partial(_retired_and_closed, pool, retired),
+                f"the child interrupted at landing {at} to be closed",
             )
         assert fired == points
 
