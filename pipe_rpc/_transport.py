@@ -21,8 +21,10 @@ Interrupts. An exception raised by a signal handler may land as soon as any C
 call returns, in the main thread, where handlers run. So that it can never cut
 a frame or lose bytes, on a *guarded* transport (one the main thread may use)
 every count and every byte that crosses the kernel boundary is recorded inside
-the same C call that moves it (``list.extend(map(os.read, ...))``, which costs
-about a microsecond a call more than a plain ``os.read``). A transport only
+the same C call that moves it: ``list.extend(map(os.read, ...))``, or, for the
+first read of a wait, a ``defaultdict`` whose factory reads (``taken[0]`` reads
+and stores the bytes in one C call, and costs little more than a plain
+``os.read``). A transport only
 other threads use (a side channel), or whose loop an interrupt ends anyway (a
 server's), is not guarded. Every write records the frame it is writing before
 its first byte goes, except one that goes whole or not at all (on Linux, a
@@ -36,11 +38,13 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import os
 import select
 import socket
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -48,6 +52,7 @@ from ._wire import LENGTH, Body, Buffer, FrameReader
 
 _READ_SIZE = 1 << 16
 _READ_ARGS = (_READ_SIZE,)  # ``map``'s argument, made once
+_TAKEN = (0,)  # ``map``'s argument: the one key of ``Transport._taken``
 #: On Linux a write of at most ``_SMALL_WRITE`` bytes to a Unix stream socket (one
 #: buffer of the kernel's; the smallest send buffer holds two) or to a pipe (at most
 #: ``PIPE_BUF``) goes whole or not at all, so an interrupt cannot leave it half sent.
@@ -263,6 +268,11 @@ class Transport:
         self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
         self.reader = FrameReader(max_frame)
         self.ready = self.reader.ready
+        #: A guarded read's bytes, until they are handed out or moved to the reader:
+        #: ``taken[0]`` reads them and stores them in one C call.
+        self._taken: defaultdict[int, bytes] = defaultdict(
+            functools.partial(os.read, self.fd, _READ_SIZE)
+        )
         self.sentinel = sentinel
         self._spin_ns = int(SPIN_SECONDS * 1e9)
         self._spin_next = False  # did the last answer come within the spin window?
@@ -414,7 +424,9 @@ class Transport:
             ProtocolError: the stream broke the framing.
         """
         reader = self.reader
-        if reader.chunks:  # an interrupted reader may have left a whole frame: no wait for it
+        if reader.chunks or self._taken:  # an interrupted reader may have left a whole frame
+            if self._taken:
+                reader.chunks.extend(map(self._taken.pop, _TAKEN))
             before = len(self.ready)
             reader.cut()
             if len(self.ready) > before:
@@ -483,13 +495,13 @@ class Transport:
         """
         reader = self.reader
         chunks = reader.chunks
+        taken = self._taken
+        if taken:  # what an interrupted reader took comes first
+            chunks.extend(map(taken.pop, _TAKEN))
         if not chunks and self.fds is None:  # the hot path: one read, most often one frame
             try:
-                if self.guarded:  # kept in ``chunks`` until it is handed out
-                    chunks.extend(map(os.read, self._fd_arg, _READ_ARGS))
-                    data: bytes = chunks[0]  # type: ignore[assignment]  # bytes just read
-                else:
-                    data = os.read(self.fd, _READ_SIZE)
+                # Guarded, the bytes are kept in ``taken`` until they are handed out.
+                data = taken[0] if self.guarded else os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -502,15 +514,17 @@ class Transport:
                 (size,) = LENGTH.unpack_from(data)
                 if size == got - 4 and (reader.max_frame is None or size <= reader.max_frame):
                     self.ready.append(memoryview(data)[4:])
-                    if chunks:
-                        # An interrupt before this clear leaves the frame to be cut
-                        # again: a repeat, which the protocol drops as a late reply.
-                        chunks.clear()
+                    if taken:
+                        # An interrupt before this leaves the frame to be cut again: a
+                        # repeat, which the protocol drops as a late reply.
+                        del taken[0]
                     return
             if not got:
-                chunks.clear()
+                taken.clear()
                 raise PeerGone("end of file")
-            if not chunks:
+            if taken:
+                chunks.extend(map(taken.pop, _TAKEN))
+            else:
                 chunks.append(data)
             reader.cut()
             if got < _READ_SIZE and (not chunks or reader.read_target() is None):
