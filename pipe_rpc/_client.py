@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection as Pipe
+from time import perf_counter_ns
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -107,9 +108,12 @@ class Client(Generic[T]):
         counters = self._core.counters
         if counters is None:
             return await call_async(self._core, method, args, kwargs, timeout)
-        started = counters.begin(method)
+        counts = counters.methods.get(method) or counters.of(method)
+        started = 0
         outcome = ERROR
         try:
+            next(counts.started)  # the first call in the ``try``: counted only inside it
+            started = perf_counter_ns()
             value = await call_async(self._core, method, args, kwargs, timeout)
             outcome = OK
             return value
@@ -121,7 +125,8 @@ class Client(Generic[T]):
                 outcome = TIMEOUT
             raise
         finally:
-            counters.end(method, started, outcome)
+            next(counts.ended)  # first: see ``MethodCounts.note``
+            counts.note(started, outcome)
 
     def submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None

@@ -162,21 +162,39 @@ class Connection(Calling):
                 the connection is closed or dead.
         """
         counters = self.counters
-        if counters is None:
-            return self._call(method, args, kwargs, timeout)
-        counts = counters.of(method)  # ``Counters.begin`` and ``end``, written out
-        next(counts.started)
-        started = perf_counter_ns()
+        # ``Counters.begin`` and ``end``, written out.
+        counts = None if counters is None else counters.methods.get(method) or counters.of(method)
+        started = 0
         try:
-            value = self._call(method, args, kwargs, timeout)
+            if counts is not None:
+                next(counts.started)  # the first call in the ``try``: counted only inside it
+                started = perf_counter_ns()
+            # The lane: this thread's side channel, the pipe alone, or the pipe shared.
+            local = self.lanes.local
+            channel = local.channel
+            if channel is not None:
+                value = self._call_on(channel, method, args, kwargs, timeout)
+            elif (
+                not self.protocol.pending
+                and not self.pipe.ready
+                and (local.main or not (local.contended or self._others_call()))
+            ):
+                value = self._call_alone(method, args, kwargs, timeout)
+            else:
+                value = self._run(PendingCall(method), timeout, None, args, kwargs)
         except CallTimeoutError:
-            counts.finish(started, TIMEOUT)
+            if counts is not None:
+                next(counts.ended)  # first: see ``MethodCounts.note``
+                counts.note(started, TIMEOUT)
             raise
         except BaseException:
-            counts.finish(started, ERROR)
+            if counts is not None:
+                next(counts.ended)
+                counts.note(started, ERROR)
             raise
-        counts.latencies.append(perf_counter_ns() - started)
-        next(counts.ended)
+        if counts is not None:
+            next(counts.ended)  # before the latency: an interrupt after it loses only that
+            counts.latencies.append(perf_counter_ns() - started)
         return value
 
     def get(self, name: str, timeout: float | None) -> Any:
@@ -201,33 +219,6 @@ class Connection(Calling):
         assert self.broken is not None
         return fresh_error(self.broken)
 
-    def _call(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
-    ) -> Any:
-        """A plain call: read in place by a thread alone on its lane, else ``_run``."""
-        local = self.lanes.local
-        channel = local.channel
-        if channel is not None:
-            return self._call_on(channel, method, args, kwargs, timeout)
-        if (
-            not self.protocol.pending
-            and not self.pipe.ready
-            and (local.main or not (local.contended or self._others_call()))
-        ):
-            lock = self._read_lock
-            try:
-                if lock.acquire(False):
-                    return self._call_alone(method, args, kwargs, timeout)
-            finally:
-                try:
-                    lock.release()
-                except RuntimeError:  # this thread did not hold it
-                    pass
-                else:
-                    if self.protocol.pending:
-                        self._pass_lead()
-        return self._run(PendingCall(method), timeout, None, args, kwargs)
-
     def _others_call(self) -> bool:
         """Do other threads call on side channels? Their calls are not in the pending
         table, so a thread other than the main one that finds channels contends too:
@@ -240,48 +231,61 @@ class Connection(Calling):
     def _call_alone(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
-        """A call by a thread alone on the pipe, holding the read lock: one thread's hot path.
+        """A call by a thread alone on the pipe: one thread's hot path.
 
-        Nobody else reads the pipe, so the reply can only come to this thread: the
-        call is not registered, and most often one read brings exactly its plain
-        return value (``quick_result``). Anything else registers it and goes on as
-        ``_run`` does. Unregistered, a call that ends early needs no undoing: its
-        late reply is dropped.
+        It takes the read lock without waiting (if another thread just took it, the
+        call goes as ``_run``). Nobody else reads the pipe, so the reply can only
+        come to this thread: the call is not registered, and most often one read
+        brings exactly its plain return value (``quick_result``). Anything else
+        registers it and goes on as ``_run`` does. Unregistered, a call that ends
+        early needs no undoing: its late reply is dropped.
         """
-        if self.generation != GENERATION[0]:
-            check_owner(self.generation, "client")
-        if self.broken is not None:
-            raise fresh_error(self.broken)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        protocol = self.protocol
-        call_id, frame = protocol.start_call(method, args, kwargs)
-        self.lone = call_id  # in flight (``in_flight``) until it ends or is registered
-        pipe = self.pipe
-        ready = pipe.ready
-        left: float | None = None
-        failed: BaseException | None = None
+        lock = self._read_lock
         try:
-            self._send(frame, deadline)
-            while not ready and self.broken is None:
-                if deadline is not None:
-                    left = remaining(deadline)
-                    if left == 0.0:  # ``_registered`` ends it as ``_run`` does
-                        break
-                pipe.read(left)
-            if len(ready) == 1:
-                value = protocol.quick_result(ready[0], call_id)
-                if value is not NOT_QUICK:
-                    ready.popleft()
-                    return value
-        except WriteTimeout:
-            raise CallTimeoutError(
-                f"{method}() timed out after {timeout} s waiting to send"
-            ) from None
-        except IO_ERRORS as exc:
-            failed = exc
+            if not lock.acquire(False):
+                return self._run(PendingCall(method), timeout, None, args, kwargs)
+            if self.generation != GENERATION[0]:
+                check_owner(self.generation, "client")
+            if self.broken is not None:
+                raise fresh_error(self.broken)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            protocol = self.protocol
+            call_id, frame = protocol.start_call(method, args, kwargs)
+            self.lone = call_id  # in flight (``in_flight``) until it ends or is registered
+            pipe = self.pipe
+            ready = pipe.ready
+            left: float | None = None
+            failed: BaseException | None = None
+            try:
+                self._send(frame, deadline)
+                while not ready and self.broken is None:
+                    if deadline is not None:
+                        left = remaining(deadline)
+                        if left == 0.0:  # ``_registered`` ends it as ``_run`` does
+                            break
+                    pipe.read(left)
+                if len(ready) == 1:
+                    value = protocol.quick_result(ready[0], call_id)
+                    if value is not NOT_QUICK:
+                        ready.popleft()
+                        return value
+            except WriteTimeout:
+                raise CallTimeoutError(
+                    f"{method}() timed out after {timeout} s waiting to send"
+                ) from None
+            except IO_ERRORS as exc:
+                failed = exc
+            finally:
+                self.lone = 0
+            return self._registered(PendingCall(method), call_id, None, deadline, timeout, failed)
         finally:
-            self.lone = 0
-        return self._registered(PendingCall(method), call_id, None, deadline, timeout, failed)
+            try:
+                lock.release()
+            except RuntimeError:  # this thread did not hold it
+                pass
+            else:
+                if self.protocol.pending:  # registered calls of other threads wait
+                    self._pass_lead()
 
     def _call_on(
         self,

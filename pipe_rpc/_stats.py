@@ -49,12 +49,21 @@ class MethodCounts:
 
     def finish(self, started: int, outcome: int) -> None:
         """The call that began at ``started`` (``perf_counter_ns``) ended with ``outcome``."""
-        self.latencies.append(time.perf_counter_ns() - started)
+        next(self.ended)
+        self.note(started, outcome)
+
+    def note(self, started: int, outcome: int) -> None:
+        """How an ended call went (``ended`` is counted already): its latency, unless
+        ``started`` is 0 (an interrupt came before the clock was read), and whether it
+        failed. A caller whose ``except`` an interrupt may reach counts ``ended``
+        first, inline: one C call, with no function start before it for an interrupt
+        to land on (the call would stay in flight for good)."""
+        if started:
+            self.latencies.append(time.perf_counter_ns() - started)
         if outcome == ERROR:
             next(self.errors)
         elif outcome == TIMEOUT:
             next(self.timeouts)
-        next(self.ended)
 
     def add(self, calls: int, errors: int, latency: int) -> None:
         """Count ``calls`` ended calls at once (a map's chunk), ``errors`` of them failed,
@@ -86,20 +95,22 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # only for a method's first call, and for starts
-        self._methods: dict[str, MethodCounts] = {}
+        #: Each method's counts, made at its first call (under the lock). A call looks
+        #: its own up with ``methods.get``, one C call, and ``of`` only the first time.
+        self.methods: dict[str, MethodCounts] = {}
         self.starts = 0
         self.restarts = 0
         self.deaths: dict[str, int] = {}
 
     def of(self, method: str) -> MethodCounts:
         """The counts of ``method``, made at its first call. (A sync call counts with
-        them inline: ``next(m.started)`` and the clock as it starts, and the latency
-        and ``next(m.ended)`` as it returns; two method calls more cost as much as
-        the counting itself.)"""
-        counts = self._methods.get(method)
+        them inline: ``next(m.started)`` and the clock as it starts, ``next(m.ended)``
+        and the latency as it returns; two method calls more cost as much as the
+        counting itself.)"""
+        counts = self.methods.get(method)
         if counts is None:
             with self._lock:
-                counts = self._methods.setdefault(method, MethodCounts())
+                counts = self.methods.setdefault(method, MethodCounts())
         return counts
 
     def begin(self, method: str) -> int:
@@ -109,7 +120,7 @@ class Counters:
 
     def end(self, method: str, started: int, outcome: int) -> None:
         """A call of ``method`` ended (``OK``, ``ERROR`` or ``TIMEOUT``)."""
-        self._methods[method].finish(started, outcome)
+        self.methods[method].finish(started, outcome)
 
     def died(self, reason: str) -> None:
         with self._lock:
@@ -126,7 +137,7 @@ class Counters:
         methods, starts, restarts, deaths = other.raw()
         with self._lock:
             for name, (calls, errors, timeouts, _, latencies) in methods.items():
-                counts = self._methods.setdefault(name, MethodCounts())
+                counts = self.methods.setdefault(name, MethodCounts())
                 counts.base[0] += calls
                 counts.base[1] += errors
                 counts.base[2] += timeouts
@@ -139,7 +150,7 @@ class Counters:
     def raw(self) -> tuple[dict[str, _Raw], int, int, dict[str, int]]:
         """The counts as plain data (for a pool to sum)."""
         with self._lock:
-            methods = dict(self._methods)
+            methods = dict(self.methods)
             starts, restarts, deaths = self.starts, self.restarts, dict(self.deaths)
         # A name with a dot is the machinery's own (a map's chunk, counted as its items).
         counted = {name: m.raw() for name, m in methods.items() if "." not in name}

@@ -32,6 +32,7 @@ import pipe_rpc
 from pipe_rpc._connection import Connection
 from pipe_rpc._liveness import wait_exitcode
 from pipe_rpc._pool_children import Lease, _Worker
+from pipe_rpc._stats import snapshot
 from tests.calc_service import CalcService
 from tests.pool_services import Worker
 from tests.services import StartMethod
@@ -123,6 +124,9 @@ def _assert_consistent(core: Connection) -> None:
     assert core.protocol.pending_count == 0
     assert core.in_flight == 0
     assert core.broken is None
+    if core.counters is not None:  # a server's: no call of its counted in flight for ever
+        counted = snapshot([core.counters]).methods
+        assert all(method.in_flight == 0 for method in counted.values()), counted
 
 
 def _sweep(
