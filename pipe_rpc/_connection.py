@@ -169,6 +169,10 @@ class Connection(Calling):
             if counts is not None:
                 next(counts.started)  # the first call in the ``try``: counted only inside it
                 started = perf_counter_ns()
+            if self.generation != GENERATION[0]:  # ``check_usable``, written out
+                check_owner(self.generation, "client")
+            if self.broken is not None:
+                raise fresh_error(self.broken)
             # The lane: this thread's side channel, the pipe alone, or the pipe shared.
             local = self.lanes.local
             channel = local.channel
@@ -244,10 +248,6 @@ class Connection(Calling):
         try:
             if not lock.acquire(False):
                 return self._run(PendingCall(method), timeout, None, args, kwargs)
-            if self.generation != GENERATION[0]:
-                check_owner(self.generation, "client")
-            if self.broken is not None:
-                raise fresh_error(self.broken)
             deadline = None if timeout is None else time.monotonic() + timeout
             protocol = self.protocol
             call_id, frame = protocol.start_call(method, args, kwargs)
@@ -298,10 +298,6 @@ class Connection(Calling):
         """A call on this thread's own side channel, read in place as ``_call_alone``'s:
         the hot path of threads. With no deadline the thread sleeps on the doorbell.
         A call that ends early drops the channel (nobody would read its late reply)."""
-        if self.generation != GENERATION[0]:
-            check_owner(self.generation, "client")
-        if self.broken is not None:
-            raise fresh_error(self.broken)
         deadline = None if timeout is None else time.monotonic() + timeout
         protocol = self.protocol
         transport = channel.transport
