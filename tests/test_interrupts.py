@@ -13,6 +13,7 @@ land. The storms then send real ``SIGINT``s.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import multiprocessing
@@ -270,6 +271,45 @@ def test_an_interrupt_at_any_landing_point_of_a_side_channel_call_ends_that_call
         thread.join(SETTLE * 4)
         assert not thread.is_alive()
         assert not errors, errors
+
+
+class _PackageLanding(_Landing):
+    """``_Landing`` counting only the landing points in pipe_rpc's own code (an event
+    loop's machinery around it has hundreds, none of the call's)."""
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if f"{os.sep}pipe_rpc{os.sep}" in frame.f_code.co_filename:
+            super().__call__(frame, event, arg)
+
+
+def test_an_interrupt_at_any_landing_point_of_an_acall_leaves_it_counted_once() -> None:
+    """An awaited call is counted as it starts and as it ends: wherever an interrupt
+    lands in it, the server's stats end with no call of it in flight, and the next
+    call gets its own reply."""
+    with pipe_rpc.spawn(CalcService, start_method="fork") as calc:
+        server = pipe_rpc_server(calc)
+        bounded = pipe_rpc.options(calc, timeout=SETTLE)
+
+        def run() -> None:
+            asyncio.run(pipe_rpc.acall(calc.add, 2, 3))
+
+        run()
+        counting = _PackageLanding(at=-1)
+        _interrupt_with(counting, run)
+        points = counting.seen
+        assert points > 10
+        fired = 0
+        for at in range(1, points + 1):
+            hook = _PackageLanding(at)
+            _interrupt_with(hook, run)
+            fired += hook.fired
+            wait_until(
+                lambda: server.stats().methods["add"].in_flight == 0,
+                f"the call interrupted at landing {at} to be counted as ended",
+            )
+            assert bounded.add(at, 1) == at + 1
+        # An awaited call's path varies more: the loop may take another turn or not.
+        assert fired > points * 0.5
 
 
 def pipe_rpc_server(proxy: object) -> pipe_rpc.Server[Any]:
