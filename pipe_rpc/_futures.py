@@ -176,41 +176,10 @@ class CallFuture(Future[Any]):
     def _tell_from(self) -> None:
         told = self._told
         if told == _NOTIFY:
-            condition = self._condition
-            with condition._lock:  # type: ignore[attr-defined]
-                if self._state == _FINISHED:
-                    for waiter in self._waiters:  # ``concurrent.futures.wait()``'s
-                        if self._exception is None:
-                            waiter.add_result(self)
-                        else:
-                            waiter.add_exception(self)
-                elif self._state in _CANCELLED_STATES:  # again, if an interrupt cut it
-                    # What an executor's ``set_running_or_notify_cancel`` does for its
-                    # futures: no executor runs this one, and ``wait()`` and
-                    # ``as_completed`` count a cancelled future as done only once notified.
-                    self._state = _NOTIFIED
-                    for waiter in self._waiters:
-                        waiter.add_cancelled(self)
-                if condition._waiters:  # type: ignore[attr-defined]  # threads in ``wait()``
-                    condition.notify_all()
+            self._notify_waiters()
             self._told = told = _LATENCY
-        counts = self.counts
-        if counts is not None and told < _HOOKS:
-            if told == _LATENCY:
-                self._told = told = _KIND
-                counts.latencies.append(time.perf_counter_ns() - self.started)
-            if told == _KIND:
-                kind = None
-                if self._state != _FINISHED or isinstance(self._exception, CallTimeoutError):
-                    kind = counts.timeouts
-                elif self._exception is not None:
-                    kind = counts.errors
-                self._told = told = _ENDED
-                if kind is not None:
-                    next(kind)
-            if told == _ENDED:
-                self._told = told = _HOOKS
-                next(counts.ended)
+        if self.counts is not None and told < _HOOKS:
+            told = self._count_end(self.counts, told)
         self._told = told = max(told, _HOOKS)
         hooks: list[Any] = self.on_cancel if self._state != _FINISHED else []
         callbacks: list[Any] = self._done_callbacks  # type: ignore[attr-defined]
@@ -232,6 +201,47 @@ class CallFuture(Future[Any]):
             except Exception:
                 _LOG.exception("exception calling callback for %r", self)
             self._told = told = told + 1
+
+    def _notify_waiters(self) -> None:
+        """Tell ``concurrent.futures.wait()`` and ``as_completed`` (their waiters) and the
+        threads in ``result()`` that the future is done."""
+        condition = self._condition
+        with condition._lock:  # type: ignore[attr-defined]
+            if self._state == _FINISHED:
+                for waiter in self._waiters:  # ``concurrent.futures.wait()``'s
+                    if self._exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+            elif self._state in _CANCELLED_STATES:  # again, if an interrupt cut it
+                # What an executor's ``set_running_or_notify_cancel`` does for its
+                # futures: no executor runs this one, and ``wait()`` and
+                # ``as_completed`` count a cancelled future as done only once notified.
+                self._state = _NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            if condition._waiters:  # type: ignore[attr-defined]  # threads in ``wait()``
+                condition.notify_all()
+
+    def _count_end(self, counts: MethodCounts, told: int) -> int:
+        """Count the call's end, each step once (``told`` says which are done); the
+        steps done by the end."""
+        if told == _LATENCY:
+            self._told = told = _KIND
+            counts.latencies.append(time.perf_counter_ns() - self.started)
+        if told == _KIND:
+            kind = None
+            if self._state != _FINISHED or isinstance(self._exception, CallTimeoutError):
+                kind = counts.timeouts
+            elif self._exception is not None:
+                kind = counts.errors
+            self._told = told = _ENDED
+            if kind is not None:
+                next(kind)
+        if told == _ENDED:
+            self._told = told = _HOOKS
+            next(counts.ended)
+        return told
 
 
 _LOG = logging.getLogger("concurrent.futures")  # where ``Future`` logs a failed callback

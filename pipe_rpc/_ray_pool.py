@@ -12,6 +12,7 @@ later be shared with it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -340,23 +341,22 @@ def pool(
         "max_restarts": 0,
         "max_task_retries": 0,
     }
+    member = functools.partial(
+        RayServer[T],
+        factory,
+        timeout=timeout,
+        on_timeout=on_timeout,
+        restart="on-failure",
+        max_concurrency=max_concurrency,
+        ray_options=options,
+        start_timeout=start_timeout,
+    )
     launched = [Actor.launch(factory, actor_options) for _ in range(size)]
-    members: list[RayServer[T]] = []
     try:
-        for index, actor in enumerate(launched):
-            members.append(
-                RayServer(
-                    factory,
-                    timeout=timeout,
-                    on_timeout=on_timeout,
-                    restart="on-failure",
-                    max_concurrency=max_concurrency,
-                    name=None if name is None else f"{name}-{index}",
-                    ray_options=options,
-                    start_timeout=start_timeout,
-                    launched=actor,
-                )
-            )
+        members = [
+            member(name=None if name is None else f"{name}-{index}", launched=actor)
+            for index, actor in enumerate(launched)
+        ]
     except BaseException:
         for actor in launched:
             actor.kill("the pool failed to start")

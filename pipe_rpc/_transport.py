@@ -21,10 +21,10 @@ Interrupts. An exception raised by a signal handler may land as soon as any C
 call returns, in the main thread, where handlers run. So that it can never cut
 a frame or lose bytes, on a *guarded* transport (one the main thread may use)
 every count and every byte that crosses the kernel boundary is recorded inside
-the same C call that moves it: ``list.extend(map(os.read, ...))``, or, for the
-first read of a wait, a ``defaultdict`` whose factory reads (``taken[0]`` reads
-and stores the bytes in one C call, and costs little more than a plain
-``os.read``). A transport only
+the same C call that moves it: ``list.extend(map(os.read, ...))``, or, for a
+read with nothing buffered before it (the one read of most calls), a
+``defaultdict`` whose factory reads (``taken[0]`` reads and stores the bytes in
+one C call, and costs little more than a plain ``os.read``). A transport only
 other threads use (a side channel), or whose loop an interrupt ends anyway (a
 server's), is not guarded. Every write records the frame it is writing before
 its first byte goes, except one that goes whole or not at all (on Linux, a
@@ -72,14 +72,15 @@ _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _clock = time.perf_counter_ns
 
 
-def _peer_gone(exc: OSError) -> PeerGone | None:
-    """The ``PeerGone`` a failed read means, or ``None`` if the peer is not gone."""
+def _peer_gone(exc: OSError) -> PeerGone:
+    """The ``PeerGone`` a failed read means; ``exc`` itself, raised again, if the peer
+    is not gone."""
     if isinstance(exc, ConnectionResetError | BrokenPipeError) or exc.errno in (
         errno.EBADF,
         errno.ENOTCONN,
     ):
         return PeerGone(str(exc))
-    return None
+    raise exc
 
 
 def _spin_seconds() -> float:
@@ -237,57 +238,19 @@ class Poller:
         return [self._by_fd[fd] for fd, _ in events]
 
 
-class Transport:
-    """Frames over one non-blocking descriptor, with deadlines and a peer sentinel.
+class _Writer:
+    """The writing half of ``Transport``: whole frames, finished by the next writer if
+    one was interrupted or timed out (see "Interrupts" above)."""
 
-    Args:
-        conn: one end of a duplex ``multiprocessing.Pipe``, or a side channel's socket.
-        sentinel: a descriptor that becomes readable when the peer process ends.
-        max_frame: refuse frames longer than this (``ProtocolError``).
-        guarded: False only for a transport the main thread never uses, or whose
-            loop an interrupt ends anyway (see "Interrupts" above).
-
-    Frames read wait in ``ready`` for their owner. While ``fds`` is a list,
-    reads keep the descriptors passed with the bytes (``SCM_RIGHTS``) and append
-    them to it; otherwise the kernel drops them.
-    """
-
-    def __init__(
-        self,
-        conn: HasFileno,
-        *,
-        sentinel: int | None = None,
-        max_frame: int | None = None,
-        guarded: bool = True,
-    ) -> None:
-        self.fd = conn.fileno()
-        self.guarded = guarded
-        self._fd_arg = (self.fd,)  # ``map``'s argument, made once
-        self._readable = [(self.fd, select.POLLIN)]  # what ``poll`` says of a readable pipe
-        self.fds: list[int] | None = None
-        self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
-        self.reader = FrameReader(max_frame)
-        self.ready = self.reader.ready
-        #: A guarded read's bytes, until they are handed out or moved to the reader:
-        #: ``taken[0]`` reads them and stores them in one C call.
-        self._taken: defaultdict[int, bytes] = defaultdict(
-            functools.partial(os.read, self.fd, _READ_SIZE)
-        )
+    def __init__(self, fd: int, sentinel: int | None, guarded: bool) -> None:
+        self.fd = fd
         self.sentinel = sentinel
-        self._spin_ns = int(SPIN_SECONDS * 1e9)
-        self._spin_next = False  # did the last answer come within the spin window?
-        self._late = 0  # answers in a row that came too late
+        self.guarded = guarded
+        self._fd_arg = (fd,)  # ``map``'s argument, made once
         self._sent_ns = 0  # when the last frame was written
         # The frame being written (its segments), and what each write of it took.
         self._out: Sequence[Buffer] | None = None
         self._counts: list[int] = []
-        os.set_blocking(self.fd, False)
-        self._poll = select.poll()
-        self._poll.register(self.fd, _IN)
-        if sentinel is not None:
-            self._poll.register(sentinel, _IN)
-
-    # -- writing ------------------------------------------------------------
 
     def write(
         self, segments: Sequence[Buffer], deadline: float | None = None, fds: Sequence[int] = ()
@@ -412,7 +375,49 @@ class Transport:
             if fd == self.sentinel:
                 raise PeerGone("peer process ended")
 
-    # -- reading ------------------------------------------------------------
+
+class Transport(_Writer):
+    """Frames over one non-blocking descriptor, with deadlines and a peer sentinel.
+
+    Args:
+        conn: one end of a duplex ``multiprocessing.Pipe``, or a side channel's socket.
+        sentinel: a descriptor that becomes readable when the peer process ends.
+        max_frame: refuse frames longer than this (``ProtocolError``).
+        guarded: False only for a transport the main thread never uses, or whose
+            loop an interrupt ends anyway (see "Interrupts" above).
+
+    Frames read wait in ``ready`` for their owner. While ``fds`` is a list,
+    reads keep the descriptors passed with the bytes (``SCM_RIGHTS``) and append
+    them to it; otherwise the kernel drops them.
+    """
+
+    def __init__(
+        self,
+        conn: HasFileno,
+        *,
+        sentinel: int | None = None,
+        max_frame: int | None = None,
+        guarded: bool = True,
+    ) -> None:
+        super().__init__(conn.fileno(), sentinel, guarded)
+        self._readable = [(self.fd, select.POLLIN)]  # what ``poll`` says of a readable pipe
+        self.fds: list[int] | None = None
+        self.fds_lost = False  # descriptors came that did not fit (MSG_CTRUNC)
+        self.reader = FrameReader(max_frame)
+        self.ready = self.reader.ready
+        #: A guarded read's bytes, until they are handed out or moved to the reader:
+        #: ``taken[0]`` reads them and stores them in one C call.
+        self._taken: defaultdict[int, bytes] = defaultdict(
+            functools.partial(os.read, self.fd, _READ_SIZE)
+        )
+        self._spin_ns = int(SPIN_SECONDS * 1e9)
+        self._spin_next = False  # did the last answer come within the spin window?
+        self._late = 0  # answers in a row that came too late
+        os.set_blocking(self.fd, False)
+        self._poll = select.poll()
+        self._poll.register(self.fd, _IN)
+        if sentinel is not None:
+            self._poll.register(sentinel, _IN)
 
     def read(self, timeout: float | None, spin: bool = True) -> None:
         """Wait up to ``timeout`` seconds (``None``: no bound) and add the frames that
@@ -498,39 +503,44 @@ class Transport:
         taken = self._taken
         if taken:  # what an interrupted reader took comes first
             chunks.extend(map(taken.pop, _TAKEN))
-        if not chunks and self.fds is None:  # the hot path: one read, most often one frame
-            try:
-                # Guarded, the bytes are kept in ``taken`` until they are handed out.
-                data = taken[0] if self.guarded else os.read(self.fd, _READ_SIZE)
-            except BlockingIOError:
+        if chunks or self.fds is not None:
+            if chunks:
+                reader.cut()  # what an interrupted reader read and did not cut
+            self._read_more()
+            return
+        try:  # the hot path: one read, most often one frame
+            # Guarded, the bytes are kept in ``taken`` until they are handed out.
+            data = taken[0] if self.guarded else os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise _peer_gone(exc) from exc
+        got = len(data)
+        if 4 < got < _READ_SIZE:
+            (size,) = LENGTH.unpack_from(data)
+            if size == got - 4 and (reader.max_frame is None or size <= reader.max_frame):
+                self.ready.append(memoryview(data)[4:])
+                if taken:
+                    # An interrupt before this leaves the frame to be cut again: a
+                    # repeat, which the protocol drops as a late reply.
+                    del taken[0]
                 return
-            except OSError as exc:
-                gone = _peer_gone(exc)
-                if gone is None:
-                    raise
-                raise gone from exc
-            got = len(data)
-            if 4 < got < _READ_SIZE:
-                (size,) = LENGTH.unpack_from(data)
-                if size == got - 4 and (reader.max_frame is None or size <= reader.max_frame):
-                    self.ready.append(memoryview(data)[4:])
-                    if taken:
-                        # An interrupt before this leaves the frame to be cut again: a
-                        # repeat, which the protocol drops as a late reply.
-                        del taken[0]
-                    return
-            if not got:
-                taken.clear()
-                raise PeerGone("end of file")
-            if taken:
-                chunks.extend(map(taken.pop, _TAKEN))
-            else:
-                chunks.append(data)
-            reader.cut()
-            if got < _READ_SIZE and (not chunks or reader.read_target() is None):
-                return  # a short read: nothing more is there now
-        elif chunks:
-            reader.cut()  # what an interrupted reader read and did not cut
+        if not got:
+            taken.clear()
+            raise PeerGone("end of file")
+        if taken:
+            chunks.extend(map(taken.pop, _TAKEN))
+        else:
+            chunks.append(data)
+        reader.cut()
+        if got == _READ_SIZE or (chunks and reader.read_target() is not None):
+            self._read_more()  # else a short read: nothing more is there now
+
+    def _read_more(self) -> None:
+        """``read_available`` past its first read (or with ``fds``): read until nothing
+        more is there, or until a big frame is whole."""
+        reader = self.reader
+        chunks = reader.chunks
         fd_arg = self._fd_arg
         while True:
             target = reader.read_target() if chunks else None
@@ -552,10 +562,7 @@ class Transport:
             except BlockingIOError:
                 return
             except OSError as exc:
-                gone = _peer_gone(exc)
-                if gone is None:
-                    raise
-                raise gone from exc
+                raise _peer_gone(exc) from exc
             reader.cut()
             if 0 < got < _READ_SIZE and not chunks:  # the common case: whole frames, all cut
                 return
