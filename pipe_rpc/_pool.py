@@ -146,33 +146,15 @@ class Pool(Generic[T]):
         workers = self._workers
         lease = Lease()
         try:
-            worker = workers.take_now(lease) or await self._take_off_loop(lease, timeout)
+            worker = workers.take_now(lease) or await _take_off_loop(
+                workers, lease, self._deadline(timeout)
+            )
             result = await worker.server.ainvoke(method, args, kwargs, timeout)
             workers.give_back(lease)
         except BaseException as exc:  # a cancellation too
             workers.give_back(lease, exc)
             raise
         return result
-
-    async def _take_off_loop(self, lease: Lease, timeout: float | None) -> _Worker:
-        """No child ready: wait for one in a thread, not on the event loop. If the task
-        is cancelled meanwhile, the thread takes on: it gives back what it takes."""
-        import asyncio
-
-        workers, deadline = self._workers, self._deadline(timeout)
-        gone: list[bool] = []
-
-        def take() -> _Worker:
-            worker, _ = workers.take(lease, deadline)
-            if gone:  # read after the take: else the task's ``except`` finds it in the lease
-                workers.give_back(lease)
-            return worker
-
-        try:
-            return await asyncio.to_thread(take)
-        except BaseException:
-            gone.append(True)  # before the caller's ``except`` gives the lease back
-            raise
 
     def submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
@@ -346,12 +328,7 @@ class Pool(Generic[T]):
         per method calls, errors, timeouts, calls in flight and recent latency; the
         children started, restarted (replaced), and dead by reason."""
         workers = self._workers
-        with workers._lock:
-            live = [slot.worker for slot in workers.slots if slot.worker is not None]
-            # Retired but not yet closed: their counts are not in ``retired`` yet (unless
-            # an interrupt sent one back to be closed again).
-            live += [w for w in (*workers._retiring, *workers._drained) if not w.absorbed]
-        stats = snapshot([workers.retired, *(worker.server._counters for worker in live)])
+        stats = snapshot(workers.counters())
         # Each child is a server of its own, started once: the children beyond the
         # first ``size`` replaced others.
         import attrs
@@ -401,6 +378,26 @@ class Pool(Generic[T]):
     def __repr__(self) -> str:
         state = "closed" if self._workers.closed else f"pids={self._workers.pids()}"
         return f"<pipe_rpc.Pool size={self.size} {state}>"
+
+
+async def _take_off_loop(workers: Workers, lease: Lease, deadline: float | None) -> _Worker:
+    """No child ready: wait for one in a thread, not on the event loop. If the task
+    is cancelled meanwhile, the thread takes on: it gives back what it takes."""
+    import asyncio
+
+    gone: list[bool] = []
+
+    def take() -> _Worker:
+        worker, _ = workers.take(lease, deadline)
+        if gone:  # read after the take: else the task's ``except`` finds it in the lease
+            workers.give_back(lease)
+        return worker
+
+    try:
+        return await asyncio.to_thread(take)
+    except BaseException:
+        gone.append(True)  # before the caller's ``except`` gives the lease back
+        raise
 
 
 def pool(

@@ -287,20 +287,20 @@ class Children:
         drained: list[_Worker] = []
         try:  # from their taking to their close: any not closed go back, to be closed next
             with self._lock:  # taken after the launches, which an exception may end
-                # An interrupted ``give_back`` may have left a drained worker in both.
-                self._retiring.difference_update(self._drained)
                 drained, self._drained = self._drained, []
             while drained:
                 worker = drained[0]
-                if not worker.absorbed:  # first: while it closes, stats() no longer sees it
-                    self.retired.absorb(worker.server._counters)
-                    worker.absorbed = True
+                with self._lock:  # counted first: while it closes, stats() no longer sees it
+                    if not worker.absorbed:
+                        retired = self.retired.merged(worker.server._counters)
+                        # Both stores or neither: no signal handler runs between them.
+                        self.retired = retired
+                        worker.absorbed = True
                 worker.server.close(1.0)
                 del drained[0]
         finally:
             if drained:
-                with self._lock:
-                    self._drained += drained
+                self._put_back(drained)
         answered = [w for w in starters if w.server._answered() or self._late(w, now)]
         looked = not answered and look > 0 and bool(starters)
         if looked and starters[0].server._answered(look):
@@ -313,9 +313,30 @@ class Children:
             self._greet_later(worker)
         return looked
 
+    def _put_back(self, drained: list[_Worker]) -> None:
+        """Drained workers an interrupt kept the chores from closing: the next chores
+        close them, or, if the pool was closed meanwhile (its ``close`` did not see
+        them), they are closed here."""
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self._drained += drained
+        if closed:
+            close_servers([worker.server for worker in drained], 1.0)
+
     @staticmethod
     def _late(worker: _Worker, now: float) -> bool:
         return worker.deadline is not None and now >= worker.deadline
+
+    def counters(self) -> list[Counters]:
+        """The counts of every child the pool has had, for ``Pool.stats()``: the closed
+        ones' (``retired``), and each live child's or retired child's not closed yet."""
+        with self._lock:
+            live = [slot.worker for slot in self.slots if slot.worker is not None]
+            # Retired but not yet closed: their counts are not in ``retired`` yet (unless
+            # an interrupt sent one back to be closed again).
+            live += [w for w in (*self._retiring, *self._drained) if not w.absorbed]
+        return [self.retired, *(worker.server._counters for worker in live)]
 
     def close(self, timeout: float) -> None:
         """Stop taking calls, then close every child at once (each close is bounded)."""

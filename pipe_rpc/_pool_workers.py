@@ -198,10 +198,10 @@ class Workers(Children):
             if dead or too_big:
                 self._retire(worker)
             elif not worker.in_flight and worker in self._retiring:
-                # Drained before it leaves ``_retiring``: an interrupt between leaves it
-                # in both (the chores take it out of both), never in neither.
-                self._drained.append(worker)
-                self._retiring.discard(worker)
+                # By operators, not method calls: no signal handler runs between them,
+                # so it is never in both lists (counted and closed twice) nor in neither.
+                self._drained += (worker,)
+                self._retiring -= {worker}
             self._cond.notify_all()
         self.chores()
 
@@ -231,7 +231,8 @@ class Workers(Children):
         An interrupt may land as any step's call returns (still under the lock): the
         steps are then taken again, each skipped if it is done, so that the worker
         never ends out of ``_ready`` but still in its slot (never replaced) or in
-        neither list of retired workers (never closed).
+        neither list of retired workers (never closed). (A second interrupt landing
+        in that second try is beyond this.)
         """
         if worker.state is not _READY:
             return

@@ -147,6 +147,15 @@ class Counters:
             for reason, count in deaths.items():
                 self.deaths[reason] = self.deaths.get(reason, 0) + count
 
+    def merged(self, other: Counters) -> Counters:
+        """New counts: these and ``other``'s (a retired child's), neither changed. A pool
+        takes them in place of its own with one store, so that an interrupt landing
+        anywhere in the adding counts the child fully or not at all."""
+        merged = Counters()
+        merged.absorb(self)
+        merged.absorb(other)
+        return merged
+
     def raw(self) -> tuple[dict[str, _Raw], int, int, dict[str, int]]:
         """The counts as plain data (for a pool to sum)."""
         with self._lock:

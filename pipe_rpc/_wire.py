@@ -11,9 +11,10 @@ pickles nothing and does no I/O.
 Interrupts. A ``KeyboardInterrupt`` (or any exception a signal handler raises)
 may land between any two bytecodes of the thread that reads, as soon as a C
 call returns. ``FrameReader`` is therefore kept so that no such exception can
-lose or repeat a byte: the transport appends what it reads to ``chunks`` inside
-the very C call that reads it (``list.extend(map(os.read, ...))``), the counts
-of reads in place land in ``_Big.counts`` the same way, and ``cut()`` changes
+lose or repeat a byte: the transport keeps what it reads inside the very C call
+that reads it (in ``chunks``, by ``list.extend(map(os.read, ...))``, or first in
+a dictionary of its own, see ``_transport``), the counts of reads in place land
+in ``_Big.counts`` the same way, and ``cut()`` changes
 ``chunks`` only by single subscript stores, each of which leaves a valid stream.
 What an interrupt can do is make ``cut()`` hand out a whole frame twice; the
 client's pending table drops the second copy as a late reply.

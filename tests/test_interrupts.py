@@ -408,19 +408,27 @@ def test_an_interrupt_at_any_landing_point_of_a_replacements_launch_loses_no_slo
 
 class _PoolLanding(_Landing):
     """``_Landing`` counting only the landing points in the pool's own code of its
-    children: retiring one, giving a call back, the chores (``_LaunchLanding`` says
-    why a process's start is left out; so is a server's close)."""
+    children (retiring one, giving a call back, the chores) and in the counting of
+    their calls (``_LaunchLanding`` says why a process's start is left out; so is a
+    server's close)."""
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> None:
-        if frame.f_code.co_filename.endswith(("_pool_workers.py", "_pool_children.py")):
+        if frame.f_code.co_filename.endswith(_POOL_FILES):
             super().__call__(frame, event, arg)
 
 
-def _retired_and_closed(pool: pipe_rpc.Pool[Worker], worker: _Worker) -> bool:
-    """The pool is whole again, and ``worker``, retired, is closed and held nowhere."""
+#: Where ``_PoolLanding`` lands: the pool's children, and the counting of their calls.
+_POOL_FILES = ("_pool_workers.py", "_pool_children.py", "_stats.py")
+
+
+def _retired_and_closed(pool: pipe_rpc.Pool[Worker], worker: _Worker, calls: int = 0) -> bool:
+    """The pool is whole again, ``worker``, retired, is closed and held nowhere, and
+    the pool's stats count ``calls`` calls of ``square`` (its children's), no more."""
     workers = pool._workers
+    counted = pool.stats().methods.get("square")
     return (
         _whole(pool)
+        and (0 if counted is None else counted.calls) == calls
         and worker.server._handle.closed
         and worker not in workers._ready
         and worker not in workers._retiring
@@ -431,36 +439,45 @@ def _retired_and_closed(pool: pipe_rpc.Pool[Worker], worker: _Worker) -> bool:
 
 def test_an_interrupt_at_any_landing_point_of_retiring_a_dead_child_keeps_it_and_its_slot() -> None:
     """A child killed while idle is retired by the next look for deaths: wherever an
-    interrupt lands in that look, its slot gets a new child and the dead one is
-    closed (before, one landing left it out of the ready list but in its slot, never
-    replaced, with the pool a child short for good)."""
+    interrupt lands in that look, its slot gets a new child, the dead one is closed,
+    and its calls are in the pool's stats once (before, one landing left it out of
+    the ready list but in its slot, never replaced, with the pool a child short for
+    good; one in the adding of its counts counted them twice)."""
     pool = pipe_rpc.pool(Worker, size=2, start_method="forkserver", timeout=SETTLE)
     with pool:
         workers = pool._workers
 
+        made = [0]  # calls of ``square``, which the pool's stats must count once each
+
         def kill_one() -> _Worker:
             worker = workers.ready_in_order()[0]
+            for n in range(3):
+                assert worker.server.proxy.square(n) == n * n
+            made[0] += 3
             os.kill(worker.pid, signal.SIGKILL)
             wait_until(worker.server._ended, "the killed child to end")
             return worker
 
-        counting = _PoolLanding(at=-1)
+        # Until a run passes no more landing points: there are more of them as the
+        # counts of the children retired so far grow.
         dead = kill_one()
-        _interrupt_with(counting, workers.notice_deaths)
-        points = counting.seen
-        assert points > 5
-        fired = 0
-        for at in range(1, points + 1):
-            wait_until(functools.partial(_retired_and_closed, pool, dead), "the pool to be whole")
+        workers.notice_deaths()
+        at = 0
+        while at < 1000:
+            at += 1
+            wait_until(
+                functools.partial(_retired_and_closed, pool, dead, made[0]),
+                f"the child interrupted at landing {at - 1} to be replaced, closed, counted once",
+            )
             dead = kill_one()
             hook = _PoolLanding(at)
             _interrupt_with(hook, workers.notice_deaths)
-            fired += hook.fired
-            wait_until(
-                functools.partial(_retired_and_closed, pool, dead),
-                f"the child interrupted at landing {at} to be replaced and closed",
-            )
-        assert fired == points
+            if not hook.fired:
+                break
+        assert at > 20
+        wait_until(
+            functools.partial(_retired_and_closed, pool, dead, made[0]), "the last to be closed"
+        )
 
 
 def test_an_interrupt_at_any_landing_point_of_a_retired_childs_last_give_back_closes_it() -> None:
