@@ -108,7 +108,7 @@ class Client(Generic[T]):
         counters = self._core.counters
         if counters is None:
             return await call_async(self._core, method, args, kwargs, timeout)
-        counts = counters.methods.get(method) or counters.of(method)
+        counts = counters.of(method)
         started = 0
         outcome = ERROR
         try:

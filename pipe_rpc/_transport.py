@@ -431,7 +431,7 @@ class Transport(_Writer):
         reader = self.reader
         if reader.chunks or self._taken:  # an interrupted reader may have left a whole frame
             if self._taken:
-                reader.chunks.extend(map(self._taken.pop, _TAKEN))
+                self._take_over()
             before = len(self.ready)
             reader.cut()
             if len(self.ready) > before:
@@ -501,8 +501,8 @@ class Transport(_Writer):
         reader = self.reader
         chunks = reader.chunks
         taken = self._taken
-        if taken:  # what an interrupted reader took comes first
-            chunks.extend(map(taken.pop, _TAKEN))
+        if taken:
+            self._take_over()
         if chunks or self.fds is not None:
             if chunks:
                 reader.cut()  # what an interrupted reader read and did not cut
@@ -529,12 +529,18 @@ class Transport(_Writer):
             taken.clear()
             raise PeerGone("end of file")
         if taken:
-            chunks.extend(map(taken.pop, _TAKEN))
+            self._take_over()
         else:
             chunks.append(data)
         reader.cut()
         if got == _READ_SIZE or (chunks and reader.read_target() is not None):
             self._read_more()  # else a short read: nothing more is there now
+
+    def _take_over(self) -> None:
+        """Move the bytes ``_taken`` holds (it must hold some) to the reader, ahead of
+        any read after them (one C call: an interrupt finds them in one place or the
+        other, never both)."""
+        self.reader.chunks.extend(map(self._taken.pop, _TAKEN))
 
     def _read_more(self) -> None:
         """``read_available`` past its first read (or with ``fds``): read until nothing
